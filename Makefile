@@ -1,0 +1,40 @@
+# Quick start: `make demo`, then `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+
+.PHONY: demo test lint bench services clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "update-worker needs Python >= 3.11 (set PYTHON=python3.x)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+## demo: create the virtual environment and run the seed scenario end to end
+demo: $(STAMP)
+	$(BIN)/update-worker demo
+
+## lint: ruff and mypy --strict
+lint: $(STAMP)
+	$(BIN)/ruff check worker tests bench
+	$(BIN)/ruff format --check worker tests bench
+	$(BIN)/mypy
+
+## test: lint, make sure Redis and PostgreSQL answer, then the whole suite on both backends
+test: lint services
+	$(BIN)/pytest
+
+## services: start Redis and PostgreSQL when they are down, or fail naming the missing one
+services:
+	@bash scripts/services.sh
+
+## bench: throughput and latency (see bench/README.md)
+bench: $(STAMP) services
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info

@@ -1,0 +1,245 @@
+"""The ``update-worker`` command line (DESIGN.md §8).
+
+Every setting is also a flag on every command (``--redis-url``, ``--concurrency`` ...), read
+through the same validation as the environment, so a bad value names its flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
+
+from worker.client import UpdateClient
+from worker.errors import SettingsError, classify
+from worker.executor import create_engine
+from worker.jobs import job_json_schema
+from worker.settings import Settings, field_infos, flag_name, load_settings, mask_url
+from worker.transport import connect
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    flags = {name: getattr(args, name, None) for name in field_infos()}
+    try:
+        settings = load_settings(os.environ, flags)
+        _configure_logging(settings)
+        return int(args.handler(settings, args))
+    except SettingsError as error:
+        print(f"update-worker: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+
+
+def _run(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.service import serve  # noqa: PLC0415 - keeps `schema` and `--help` fast
+
+    try:
+        asyncio.run(serve(settings, burst=args.burst))
+    except (OSError, SQLAlchemyError, RedisError) as error:
+        print(f"update-worker: cannot start: {mask_url(classify(error).message)}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _submit(settings: Settings, args: argparse.Namespace) -> int:
+    job = _job_from_args(args)
+    reply = asyncio.run(
+        _submit_and_wait(settings, job, wait=not args.no_wait, timeout=args.timeout)
+    )
+    if reply is None:
+        return EXIT_OK
+    if isinstance(reply, str):
+        print(f"update-worker: {reply}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    print(json.dumps(reply))
+    return EXIT_OK if reply.get("status") == "ok" else EXIT_FAILED
+
+
+async def _submit_and_wait(
+    settings: Settings, job: dict[str, Any], *, wait: bool, timeout: float
+) -> dict[str, Any] | str | None:
+    async with UpdateClient(settings.redis_url, prefix=settings.prefix) as client:
+        if not wait:
+            job.setdefault("reply_to", client.names.replies)
+            print(await client.submit(job))
+            return None
+        job_id = await client.submit(job)
+        try:
+            reply = await client.result(job_id, timeout=timeout)
+        except TimeoutError as error:
+            return str(error)
+        return reply.model_dump(mode="json", exclude_none=True)
+
+
+def _schema(_settings: Settings, _args: argparse.Namespace) -> int:
+    print(json.dumps(job_json_schema(), indent=2))
+    return EXIT_OK
+
+
+def _check(settings: Settings, _args: argparse.Namespace) -> int:
+    problems = asyncio.run(_problems(settings))
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if not problems:
+        print(
+            f"ok: redis {mask_url(settings.redis_url)}, database {mask_url(settings.database_url)}"
+        )
+    return EXIT_FAILED if problems else EXIT_OK
+
+
+async def _problems(settings: Settings) -> list[str]:
+    problems = []
+    redis = connect(settings.redis_url)
+    try:
+        await redis.ping()
+    except (RedisError, OSError) as error:
+        problems.append(f"redis: {mask_url(classify(error).message)}")
+    finally:
+        await redis.aclose()
+    engine = create_engine(settings.database_url, pool_size=1)
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(sa.text("SELECT 1"))
+    except (SQLAlchemyError, OSError) as error:
+        problems.append(f"database: {mask_url(classify(error).message)}")
+    finally:
+        await engine.dispose()
+    return problems
+
+
+def _demo(settings: Settings, _args: argparse.Namespace) -> int:
+    from worker.demo import run_demo  # noqa: PLC0415 - only the demo needs it
+
+    return asyncio.run(run_demo(settings))
+
+
+def _job_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    if args.job is not None:
+        try:
+            job = json.loads(args.job)
+        except json.JSONDecodeError as error:
+            raise SettingsError(f"job: not JSON: {error}") from None
+        if not isinstance(job, dict):
+            raise SettingsError("job: must be a JSON object")
+        return job
+    if not args.table:
+        raise SettingsError("submit: give a job as JSON, or --table with --set/--inc")
+    job = {"table": args.table}
+    for field, pairs in (
+        ("set", args.set),
+        ("inc", args.inc),
+        ("where", args.where),
+        ("key", args.key),
+    ):
+        if pairs:
+            job[field] = dict(_pair(field, pair) for pair in pairs)
+    optional = {
+        "id": args.id,
+        "returning": args.returning or None,
+        "all": args.all or None,
+        "dry_run": args.dry_run or None,
+    }
+    job.update({name: value for name, value in optional.items() if value is not None})
+    return job
+
+
+def _pair(field: str, text: str) -> tuple[str, Any]:
+    """``age=30`` -> ("age", 30); the value is JSON when it parses, else a plain string."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name:
+        raise SettingsError(f"--{field}: expected column=value, got {text!r}")
+    try:
+        return name, json.loads(raw)
+    except json.JSONDecodeError:
+        return name, raw
+
+
+def _parser() -> argparse.ArgumentParser:
+    settings_flags = argparse.ArgumentParser(add_help=False)
+    group = settings_flags.add_argument_group(
+        "settings (each also WORKER_<NAME> in the environment)"
+    )
+    for name, info in field_infos().items():
+        default = info.get_default(call_default_factory=False)
+        shown = mask_url(default) if isinstance(default, str) else default
+        hint = f"{info.description} (env WORKER_{name.upper()}, default: {shown})"
+        group.add_argument(
+            flag_name(name), dest=name, metavar="VALUE", help=hint.replace("%", "%%")
+        )
+
+    parser = argparse.ArgumentParser(
+        prog="update-worker", description="Runs UPDATE jobs from a Redis stream."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(
+        name: str, handler: Callable[[Settings, argparse.Namespace], int], text: str
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[settings_flags], help=text, description=text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    run = command("run", _run, "run a worker until SIGTERM or SIGINT")
+    run.add_argument("--burst", action="store_true", help="exit once the stream has nothing new")
+
+    submit = command("submit", _submit, "submit a job and print its reply")
+    submit.add_argument("job", nargs="?", help="the job as JSON")
+    submit.add_argument("--table")
+    for field, hint in (
+        ("set", "column=value"),
+        ("inc", "column=number"),
+        ("where", "column=value"),
+        ("key", "column=value"),
+    ):
+        submit.add_argument(
+            f"--{field}", action="append", metavar=hint, help=f"repeatable; {field} {hint}"
+        )
+    submit.add_argument("--returning", action="append", metavar="COLUMN")
+    submit.add_argument(
+        "--all", action="store_true", help="update every row (no filter), on purpose"
+    )
+    submit.add_argument("--dry-run", action="store_true")
+    submit.add_argument("--id", help="idempotency key (default: a fresh one)")
+    submit.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the reply")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id without waiting")
+
+    command("schema", _schema, "print the JSON Schema of a job")
+    command("check", _check, "exit 0 when Redis and the database answer")
+    command("demo", _demo, "run the seed scenario end to end on SQLite")
+    return parser
+
+
+def _configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler()
+    if settings.log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)

@@ -1,0 +1,172 @@
+"""The async producer client (DESIGN.md §8).
+
+    async with UpdateClient("redis://localhost:6379/0") as client:
+        reply = await client.update("books", set={"genre": "sci-fi"}, where={"genre": "fiction"})
+
+Each client listens on a reply channel of its own (``<prefix>:replies:<uuid>``), so it receives
+only its own replies. A reply is also kept under its result key, which covers a reply that was
+published before anyone listened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Self
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from worker.jobs import Reply
+from worker.transport import Names
+
+_POLL_START_S = 0.01
+_POLL_MAX_S = 0.5
+
+
+class UpdateClient:
+    def __init__(
+        self, redis: Redis | str = "redis://localhost:6379/0", *, prefix: str = "updates"
+    ) -> None:
+        self._redis = Redis.from_url(redis) if isinstance(redis, str) else redis
+        self._owns_redis = isinstance(redis, str)
+        self.names = Names(prefix)
+        self.channel = f"{prefix}:replies:{uuid.uuid4().hex}"
+        self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        self._interim: dict[str, Reply] = {}
+        self._pubsub: PubSub | None = None
+        self._listener: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def submit(self, job: Mapping[str, Any]) -> str:
+        """Send ``job`` (a dict in the job format) and return its id; an id is made if absent."""
+        body = dict(job)
+        body.setdefault("id", uuid.uuid4().hex)
+        job_id = str(body["id"])
+        if "reply_to" not in body:
+            await self._listen()
+            body["reply_to"] = self.channel
+            self._waiting.setdefault(job_id, asyncio.get_running_loop().create_future())
+        await self._redis.xadd(self.names.stream, {"job": json.dumps(body, separators=(",", ":"))})
+        return job_id
+
+    async def result(self, job_id: str, *, timeout: float = 30.0) -> Reply:
+        """The final reply for ``job_id``; raises ``TimeoutError`` if none comes in time.
+
+        An ``unavailable`` reply is not final (the worker retries the job later); if nothing
+        final arrives in time, the last such reply is returned instead of raising.
+        """
+        future = self._waiting.get(job_id)
+        try:
+            if future is not None:
+                with contextlib.suppress(TimeoutError):
+                    return await asyncio.wait_for(asyncio.shield(future), timeout)
+            else:
+                return await asyncio.wait_for(self._poll(job_id), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiting.pop(job_id, None)
+        stored = await self._redis.get(self.names.result(job_id))
+        if stored is not None:
+            return Reply.model_validate_json(stored)
+        if interim := self._interim.pop(job_id, None):
+            return interim
+        raise TimeoutError(f"no reply for job {job_id!r} within {timeout} s")
+
+    async def update(
+        self,
+        table: str,
+        *,
+        set: Mapping[str, Any] | None = None,  # noqa: A002 - the job field's name (DESIGN.md §2)
+        inc: Mapping[str, float] | None = None,
+        where: Mapping[str, Any] | None = None,
+        key: Mapping[str, Any] | None = None,
+        all: bool = False,  # noqa: A002 - the job field's name
+        expect: Mapping[str, int] | None = None,
+        returning: list[str] | None = None,
+        dry_run: bool = False,
+        id: str | None = None,  # noqa: A002 - the job field's name
+        timeout: float = 30.0,
+    ) -> Reply:
+        """Submit one update and wait for its reply."""
+        job: dict[str, Any] = {"table": table}
+        optional = {
+            "set": set,
+            "inc": inc,
+            "where": where,
+            "key": key,
+            "expect": expect,
+            "returning": returning,
+            "id": id,
+        }
+        job.update({name: value for name, value in optional.items() if value is not None})
+        if all:
+            job["all"] = True
+        if dry_run:
+            job["dry_run"] = True
+        return await self.result(await self.submit(job), timeout=timeout)
+
+    async def aclose(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        if self._pubsub is not None:
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+        if self._owns_redis:
+            await self._redis.aclose()
+
+    async def _listen(self) -> None:
+        if self._pubsub is None:
+            self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            await self._pubsub.subscribe(self.channel)
+            self._listener = asyncio.create_task(
+                self._dispatch(self._pubsub), name="update-client replies"
+            )
+
+    async def _dispatch(self, pubsub: PubSub) -> None:
+        while True:
+            try:
+                message = await pubsub.get_message(timeout=None)
+            except RedisError:
+                # A lost connection: result() falls back to the result key at its deadline.
+                await asyncio.sleep(_POLL_MAX_S)
+                continue
+            if message is None or message.get("type") != "message":
+                continue
+            reply = Reply.model_validate_json(message["data"])
+            future = self._waiting.get(reply.id)
+            if future is None or future.done():
+                continue
+            if reply.final:
+                future.set_result(reply)
+            else:
+                self._interim[reply.id] = reply
+
+    async def _poll(self, job_id: str) -> Reply:
+        """For ids this client did not submit: watch the result key, backing off."""
+        delay = _POLL_START_S
+        while True:
+            stored = await self._redis.get(self.names.result(job_id))
+            if stored is not None:
+                reply = Reply.model_validate_json(stored)
+                if reply.final:
+                    return reply
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _POLL_MAX_S)

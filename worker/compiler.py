@@ -1,0 +1,183 @@
+"""Job + schema -> SQLAlchemy UPDATE statements. Pure: no I/O, and no SQL strings.
+
+Every identifier is resolved through :class:`worker.schema.TableRules` (exact membership in the
+reflected or declared schema) and every value is a bound parameter, already coerced to the
+column's type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import TypeDecorator
+
+from worker.errors import InvalidJob, MissingFilter, WorkerError
+from worker.filters import AllOf, Compare, Filter, Negate
+from worker.jobs import Job, UpdateSpec
+from worker.schema import Schema, TableRules
+from worker.values import coerce
+
+
+@dataclass(frozen=True, slots=True)
+class Guards:
+    """The ``expect`` row-count guards, checked inside the transaction."""
+
+    rows: int | None = None
+    min_rows: int | None = None
+    max_rows: int | None = None
+
+    def violation(self, rowcount: int) -> str | None:
+        if self.rows is not None and rowcount != self.rows:
+            return f"expected exactly {self.rows} row(s), matched {rowcount}"
+        if self.min_rows is not None and rowcount < self.min_rows:
+            return f"expected at least {self.min_rows} row(s), matched {rowcount}"
+        if self.max_rows is not None and rowcount > self.max_rows:
+            return f"expected at most {self.max_rows} row(s), matched {rowcount}"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    table: str
+    update: sa.Update
+    returns_rows: bool
+    guards: Guards
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    statements: tuple[Statement, ...]
+
+
+def compile_job(job: Job, schema: Schema) -> Plan:
+    """Compile every update of ``job``; a batch's errors name the failing update."""
+    statements = []
+    for index, spec in enumerate(job.updates):
+        try:
+            statements.append(compile_update(spec, schema))
+        except WorkerError as error:
+            if job.batch:
+                error.message = f"updates[{index}]: {error.message}"
+                error.args = (error.message,)
+            raise
+    return Plan(tuple(statements))
+
+
+def compile_update(spec: UpdateSpec, schema: Schema) -> Statement:
+    rules = schema.rules(spec.table)
+    values: dict[sa.Column[Any], Any] = {}
+    for name, value in spec.values.items():
+        column = rules.writable_column(name)
+        values[column] = coerce(column, value)
+    for name, amount in spec.inc.items():
+        column = rules.writable_column(name)
+        if not _is_numeric(column):
+            raise InvalidJob(
+                f"`inc` needs a numeric column; `{spec.table}.{name}` is {column.type}"
+            )
+        values[column] = column + coerce(column, amount)
+
+    guards = _guards(spec)
+    if spec.key is not None:
+        condition: ColumnElement[bool] | None = _key_condition(spec.key, rules)
+        guards = Guards(guards.rows, guards.min_rows, min(guards.max_rows or 1, 1))
+    elif spec.where is not None:
+        condition = _condition(spec.where, rules)
+    elif spec.all_rows:
+        condition = None
+    else:
+        raise MissingFilter(
+            f"an update of `{spec.table}` needs `where` or `key`; "
+            'send "all": true to update every row on purpose'
+        )
+
+    update = sa.update(rules.table).values(values)
+    if condition is not None:
+        update = update.where(condition)
+    if spec.returning:
+        update = update.returning(*(rules.column(name) for name in spec.returning))
+    return Statement(
+        table=spec.table, update=update, returns_rows=bool(spec.returning), guards=guards
+    )
+
+
+def _guards(spec: UpdateSpec) -> Guards:
+    expect = spec.expect
+    if expect is None:
+        return Guards()
+    return Guards(rows=expect.rows, min_rows=expect.min_rows, max_rows=expect.max_rows)
+
+
+def _key_condition(key: dict[str, Any], rules: TableRules) -> ColumnElement[bool]:
+    if set(key) != set(rules.primary_key):
+        expected = ", ".join(rules.primary_key) or "(none: the table has no primary key)"
+        raise InvalidJob(
+            f"`key` must name the whole primary key of `{rules.table.name}`: {expected}"
+        )
+    parts = []
+    for name, value in key.items():
+        if value is None:
+            raise InvalidJob(f"`key` value for `{name}` cannot be null")
+        column = rules.column(name)
+        parts.append(column == coerce(column, value))
+    return sa.and_(*parts)
+
+
+def _condition(node: Filter, rules: TableRules) -> ColumnElement[bool]:
+    if isinstance(node, Compare):
+        return _compare(rules.column(node.column), node)
+    if isinstance(node, Negate):
+        return sa.not_(_condition(node.part, rules))
+    parts = [_condition(part, rules) for part in node.parts]
+    return sa.and_(*parts) if isinstance(node, AllOf) else sa.or_(*parts)
+
+
+def _compare(column: sa.Column[Any], node: Compare) -> ColumnElement[bool]:
+    op, value = node.op, node.value
+    if op == "is_null":
+        return column.is_(None) if value else column.is_not(None)
+    if op in ("eq", "neq") and value is None:
+        return column.is_(None) if op == "eq" else column.is_not(None)
+    if op in ("in", "nin"):
+        items = [coerce(column, item) for item in value]
+        return column.in_(items) if op == "in" else column.not_in(items)
+    if op == "between":
+        low, high = value
+        return column.between(coerce(column, low), coerce(column, high))
+    if op in ("like", "nlike", "ilike", "nilike"):
+        if not _is_text(column):
+            raise InvalidJob(
+                f"`{op}` needs a text column; `{column.table.name}.{column.name}` is {column.type}"
+            )
+        return {
+            "like": column.like,
+            "nlike": column.not_like,
+            "ilike": column.ilike,
+            "nilike": column.not_ilike,
+        }[op](value)
+    bound = coerce(column, value)
+    comparisons = {
+        "eq": column.__eq__,
+        "neq": column.__ne__,
+        "gt": column.__gt__,
+        "gte": column.__ge__,
+        "lt": column.__lt__,
+        "lte": column.__le__,
+    }
+    return comparisons[op](bound)
+
+
+def _base_type(column: sa.Column[Any]) -> sa.types.TypeEngine[Any]:
+    column_type = column.type
+    return column_type.impl_instance if isinstance(column_type, TypeDecorator) else column_type
+
+
+def _is_numeric(column: sa.Column[Any]) -> bool:
+    return isinstance(_base_type(column), sa.Integer | sa.Numeric)
+
+
+def _is_text(column: sa.Column[Any]) -> bool:
+    return isinstance(_base_type(column), sa.String)

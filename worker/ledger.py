@@ -1,0 +1,62 @@
+"""The exactly-once ledger (DESIGN.md §6): one row per finished job id.
+
+The row is inserted in the same transaction as the job's updates, with ON CONFLICT DO NOTHING:
+the insert is the arbiter. When it inserts nothing, another delivery of the same id committed
+first, the caller rolls its own work back and replays the stored reply instead.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Final
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+LEDGER_TABLE: Final = "update_worker_ledger"
+
+_metadata = sa.MetaData()
+ledger = sa.Table(
+    LEDGER_TABLE,
+    _metadata,
+    sa.Column("job_id", sa.String(200), primary_key=True),
+    sa.Column("payload_hash", sa.String(64), nullable=False),
+    sa.Column("reply", sa.Text, nullable=False),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index(f"ix_{LEDGER_TABLE}_finished_at", "finished_at"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    payload_hash: str
+    reply: str
+
+
+async def ensure_ledger(connection: AsyncConnection) -> None:
+    """Create the ledger table if it is missing."""
+    await connection.run_sync(_metadata.create_all, checkfirst=True)
+
+
+async def record(session: AsyncSession, *, job_id: str, payload_hash: str, reply: str) -> bool:
+    """Insert the ledger row; False when the id is already there."""
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(ledger).on_conflict_do_nothing(index_elements=[ledger.c.job_id])
+    result = await session.execute(
+        statement,
+        {"job_id": job_id, "payload_hash": payload_hash, "reply": reply, "finished_at": _now()},
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+async def lookup(session: AsyncSession, job_id: str) -> Entry | None:
+    statement = sa.select(ledger.c.payload_hash, ledger.c.reply).where(ledger.c.job_id == job_id)
+    row = (await session.execute(statement)).one_or_none()
+    return None if row is None else Entry(payload_hash=row.payload_hash, reply=row.reply)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)

@@ -1,0 +1,191 @@
+"""The loop: transport -> jobs -> compiler -> executor -> transport, and shutdown.
+
+It only wires the other modules together: no SQL here, and no Redis command names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from worker.compiler import compile_job
+from worker.errors import WorkerError, classify
+from worker.executor import Executor, create_engine
+from worker.jobs import Rejection, Reply, parse_entry
+from worker.ledger import ensure_ledger
+from worker.schema import Schema, build_schema, load_models, reflect_schema
+from worker.settings import Settings, mask_url
+from worker.transport import Entry, Names, Transport, connect
+
+log = logging.getLogger(__name__)
+
+_READ_RETRY_S = 1.0
+
+
+@dataclass
+class Worker:
+    settings: Settings
+    transport: Transport
+    executor: Executor
+    schema: Schema
+
+    async def run(self, stop: asyncio.Event | None = None, *, burst: bool = False) -> None:
+        """Serve jobs until ``stop`` is set; with ``burst``, until the stream has nothing new.
+
+        On stop, in-flight jobs get ``shutdown_grace_s`` to finish; whatever is left stays
+        pending in the group, for any worker to claim.
+        """
+        stop = stop or asyncio.Event()
+        in_flight: set[asyncio.Task[None]] = set()
+        concurrency = self.settings.concurrency
+        try:
+            while not stop.is_set():
+                if len(in_flight) >= concurrency:
+                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                count = min(self.settings.batch_size, concurrency - len(in_flight))
+                entries = await self._read(
+                    stop, count=count, block_ms=None if burst else self.settings.block_ms
+                )
+                if entries is None:
+                    break
+                if not entries and burst:
+                    if not in_flight:
+                        break
+                    await asyncio.wait(in_flight)
+                for entry in entries:
+                    task = asyncio.create_task(self.handle(entry), name=f"job {entry.id}")
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+        finally:
+            await self._drain(in_flight)
+
+    async def handle(self, entry: Entry) -> None:
+        """Answer one entry. Never raises: the loop must outlive any single job."""
+        try:
+            await self._answer(entry)
+        except Exception:
+            log.exception("entry %s: not answered, left pending", entry.id)
+
+    async def _answer(self, entry: Entry) -> None:
+        parsed = parse_entry(
+            entry.fields, entry_id=entry.id, max_job_bytes=self.settings.max_job_bytes
+        )
+        if isinstance(parsed, Rejection):
+            await self._reject(entry, parsed)
+            return
+        try:
+            plan = compile_job(parsed, self.schema)
+        except WorkerError as error:
+            reply = await self.executor.reject(parsed, error)
+        else:
+            reply = await self.executor.execute(parsed, plan)
+        await self.transport.reply(entry.id, reply, channel=parsed.reply_to, ack=reply.final)
+        log.debug("job %s: %s rowcount=%d", reply.id, reply.status, reply.rowcount)
+
+    async def _reject(self, entry: Entry, rejection: Rejection) -> None:
+        reply = Reply.failure(rejection.id, rejection.error, worker=self.settings.consumer)
+        if rejection.dead_letter_reason is None:
+            await self.transport.reply(entry.id, reply, channel=rejection.reply_to)
+            return
+        log.warning("entry %s: dead-lettered: %s", entry.id, rejection.dead_letter_reason)
+        await self.transport.dead_letter(
+            entry, reason=rejection.dead_letter_reason, reply=reply, channel=rejection.reply_to
+        )
+
+    async def _read(
+        self, stop: asyncio.Event, *, count: int, block_ms: int | None
+    ) -> list[Entry] | None:
+        """The next entries, [] on a passing Redis fault, or None once ``stop`` is set."""
+        read = asyncio.ensure_future(self.transport.read(count=count, block_ms=block_ms))
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({read, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not read.done():
+            # Entries Redis delivered to a cancelled read stay pending and are claimed later.
+            read.cancel()
+            return None
+        try:
+            return read.result()
+        except Exception as error:  # noqa: BLE001 - classified and logged, then retried
+            log.warning("reading jobs failed (%s); retrying", classify(error).message)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), _READ_RETRY_S)
+            return []
+
+    async def _drain(self, in_flight: set[asyncio.Task[None]]) -> None:
+        if not in_flight:
+            return
+        _, late = await asyncio.wait(in_flight, timeout=self.settings.shutdown_grace_s)
+        for task in late:
+            task.cancel()
+        if late:
+            log.warning("%d job(s) unfinished after the grace period; left pending", len(late))
+            await asyncio.wait(late)
+
+
+@contextlib.asynccontextmanager
+async def open_worker(settings: Settings) -> AsyncIterator[Worker]:
+    """Connect to the database and Redis, load the schema, and yield a ready Worker."""
+    engine = create_engine(settings.database_url, pool_size=settings.concurrency)
+    transport = Transport(
+        connect(settings.redis_url, block_ms=settings.block_ms),
+        Names(settings.prefix),
+        group=settings.group,
+        consumer=settings.consumer,
+        result_ttl=settings.result_ttl,
+    )
+    try:
+        async with engine.begin() as connection:
+            await ensure_ledger(connection)
+        narrowing = {
+            "tables": settings.tables,
+            "readonly_columns": settings.readonly_columns,
+            "writable_keys": settings.writable_keys,
+        }
+        if settings.models:
+            schema = build_schema(load_models(settings.models), **narrowing)
+        else:
+            schema = await reflect_schema(engine, **narrowing)
+        await transport.ensure_group()
+        executor = Executor(
+            engine,
+            worker=settings.consumer,
+            max_attempts=settings.max_attempts,
+            max_returning=settings.max_returning,
+        )
+        log.info(
+            "worker %s ready: %d table(s), database %s, redis %s, stream %s",
+            settings.consumer,
+            len(schema.tables),
+            mask_url(settings.database_url),
+            mask_url(settings.redis_url),
+            transport.names.stream,
+        )
+        yield Worker(settings=settings, transport=transport, executor=executor, schema=schema)
+    finally:
+        await transport.aclose()
+        await engine.dispose()
+
+
+async def serve(settings: Settings, *, burst: bool = False) -> None:
+    """Run a worker until SIGTERM or SIGINT; a second signal exits at once."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s: finishing in-flight jobs, then exiting", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    async with open_worker(settings) as worker:
+        await worker.run(stop, burst=burst)

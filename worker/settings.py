@@ -1,0 +1,165 @@
+"""Settings from ``WORKER_*`` environment variables and CLI flags (DESIGN.md §7).
+
+:func:`load_settings` reads an injected environment mapping, so tests never touch ``os.environ``.
+A bad value, or an unknown ``WORKER_*`` name (a typo), stops start-up with one line naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from typing import Annotated, Any, Final, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+from pydantic_settings.sources.utils import parse_env_vars
+
+from worker.errors import SettingsError
+
+ENV_PREFIX: Final = "WORKER_"
+CommaList = Annotated[tuple[str, ...], NoDecode]
+
+
+def _default_consumer() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """Every setting; the environment variable is ``WORKER_`` + the upper-cased field name."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    redis_url: str = Field("redis://localhost:6379/0", description="Redis URL; rediss:// for TLS")
+    database_url: str = Field(
+        "sqlite+aiosqlite:///./update-worker.db",
+        description="SQLAlchemy async URL: postgresql+asyncpg://... or sqlite+aiosqlite:///...",
+    )
+    prefix: str = Field(
+        "updates", pattern=r"^[A-Za-z0-9._:@/{}-]{1,100}$", description="Redis name prefix"
+    )
+    group: str = Field("update-workers", min_length=1, description="consumer group")
+    consumer: str = Field(
+        default_factory=_default_consumer, min_length=1, description="consumer name"
+    )
+    concurrency: int = Field(8, ge=1, le=1024, description="jobs run at once")
+    batch_size: int = Field(100, ge=1, le=10_000, description="entries read per XREADGROUP")
+    block_ms: int = Field(2000, ge=1, le=60_000, description="how long one XREADGROUP blocks")
+    result_ttl: int = Field(86_400, ge=1, description="seconds a reply stays under its result key")
+    claim_idle_ms: int = Field(15_000, ge=100, description="idle time before another worker claims")
+    max_deliveries: int = Field(5, ge=1, description="deliveries before an entry is dead-lettered")
+    max_attempts: int = Field(5, ge=1, le=100, description="tries of a transient failure")
+    max_job_bytes: int = Field(65_536, ge=256, description="largest accepted job")
+    max_returning: int = Field(1000, ge=0, description="most RETURNING rows put in a reply")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="time in-flight jobs get on shutdown")
+    tables: CommaList = Field((), description="comma list of tables jobs may update (default: all)")
+    readonly_columns: CommaList = Field((), description="comma list of table.column never set")
+    writable_keys: CommaList = Field(
+        (), description="comma list of table.column keys that may be set"
+    )
+    models: str | None = Field(None, description="package.module:Base to use instead of reflection")
+    log_format: Literal["text", "json"] = Field("text", description="text or json")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+
+    @field_validator("tables", "readonly_columns", "writable_keys", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_driver(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme not in ("postgresql+asyncpg", "sqlite+aiosqlite"):
+            raise ValueError("must start with postgresql+asyncpg:// or sqlite+aiosqlite://")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment comes in through load_settings(environ), never from os.environ here.
+        return (init_settings,)
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, mask_url(value) if name in ("redis_url", "database_url") else value
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """pydantic-settings' own env source, reading a given mapping instead of os.environ."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(
+            self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str
+        )
+
+
+def load_settings(environ: Mapping[str, str], flags: Mapping[str, Any] | None = None) -> Settings:
+    """Settings from ``environ`` (``WORKER_*``) overlaid with command-line ``flags`` (by field)."""
+    flags = {name: value for name, value in (flags or {}).items() if value is not None}
+    known = Settings.model_fields
+    for variable in environ:
+        if (
+            variable.upper().startswith(ENV_PREFIX)
+            and variable[len(ENV_PREFIX) :].lower() not in known
+        ):
+            raise SettingsError(f"{variable}: unknown setting (see `update-worker run --help`)")
+    from_env = _MappingEnvSource(Settings, environ)()
+    try:
+        return Settings(**{**from_env, **flags})
+    except ValidationError as error:
+        first = error.errors(include_url=False)[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        origin = flag_name(field) if field in flags else ENV_PREFIX + field.upper()
+        shown = mask_url(str(first["input"])) if isinstance(first["input"], str) else first["input"]
+        message = first["msg"].removeprefix("Value error, ")
+        raise SettingsError(f"{origin}: {message} (got {shown!r})") from None
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def field_infos() -> Mapping[str, FieldInfo]:
+    return Settings.model_fields
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, for logs, errors and --help."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable url>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))

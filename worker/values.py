@@ -1,0 +1,167 @@
+"""JSON values in and out of columns (DESIGN.md §3 "Values and types").
+
+In: a JSON value is coerced to the column's Python type before it is bound, because asyncpg
+refuses a ``str`` for a DATE or a ``float`` for a NUMERIC, and SQLite would store it as given.
+Out: a value read back through RETURNING becomes JSON the same way on both backends.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import enum
+import math
+import uuid
+from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.types import TypeDecorator
+
+from worker.errors import InvalidValue
+
+
+def coerce(column: sa.Column[Any], value: Any) -> Any:
+    """Return ``value`` as the Python object that ``column``'s type binds.
+
+    Raises :class:`InvalidValue` (``data_error``) naming the column when it cannot be done.
+    """
+    if value is None:
+        return None
+    column_type = column.type
+    if isinstance(column_type, TypeDecorator | sa.JSON | sa.ARRAY):
+        # A TypeDecorator's process_bind_param owns the conversion; JSON stays as it is.
+        return value
+    try:
+        python_type = column_type.python_type
+    except NotImplementedError:
+        return value  # a type SQLAlchemy cannot describe (NullType): bind as given
+    if issubclass(python_type, enum.Enum):
+        return _to_enum(column, python_type, value)
+    convert = _CONVERTERS.get(python_type)
+    if convert is None:
+        return value
+    try:
+        return convert(value)
+    except (TypeError, ValueError, ArithmeticError, binascii.Error) as error:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        detail = f" ({error})" if str(error) else ""
+        raise InvalidValue(
+            f"column `{column.table.name}.{column.name}`: {shown} is not a valid "
+            f"{python_type.__name__}{detail}"
+        ) from None
+
+
+def to_json(value: Any) -> Any:
+    """A value read from the database, as JSON (identical for both backends)."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Decimal):
+        return _decimal_text(value)
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, dict):
+        return {str(key): to_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_json(item) for item in value]
+    return str(value)
+
+
+def _decimal_text(value: Decimal) -> str:
+    # SQLite hands NUMERIC back with a fixed scale (12.2000000000) and PostgreSQL as stored
+    # (12.2): normalizing gives both the same exact text, never in exponent form.
+    if not value.is_finite():
+        return str(value)
+    return format(value.normalize(), "f")
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError("a boolean is not an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise TypeError("expected an integer")
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError("expected a number")
+    return float(value)
+
+
+def _to_decimal(value: Any) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise TypeError("expected a number or a numeric string")
+    number = Decimal(str(value))
+    if not number.is_finite():
+        raise InvalidOperation("not a finite number")
+    return number
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("expected a string")
+    return value
+
+
+def _to_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError("expected true or false")
+    return value
+
+
+def _from_iso(parse: Callable[[str], Any]) -> Callable[[Any], Any]:
+    def convert(value: Any) -> Any:
+        return parse(_to_str(value))
+
+    return convert
+
+
+def _to_timedelta(value: Any) -> dt.timedelta:
+    return dt.timedelta(seconds=_to_float(value))
+
+
+def _to_uuid(value: Any) -> uuid.UUID:
+    return uuid.UUID(_to_str(value))
+
+
+def _to_bytes(value: Any) -> bytes:
+    return base64.b64decode(_to_str(value), validate=True)
+
+
+def _to_enum(column: sa.Column[Any], enum_type: type[enum.Enum], value: Any) -> enum.Enum:
+    if isinstance(value, str) and value in enum_type.__members__:
+        return enum_type[value]
+    allowed = ", ".join(enum_type.__members__)
+    raise InvalidValue(
+        f"column `{column.table.name}.{column.name}`: {value!r} is not one of {allowed}"
+    )
+
+
+_CONVERTERS: dict[type[Any], Callable[[Any], Any]] = {
+    int: _to_int,
+    float: _to_float,
+    Decimal: _to_decimal,
+    str: _to_str,
+    bool: _to_bool,
+    dt.datetime: _from_iso(dt.datetime.fromisoformat),
+    dt.date: _from_iso(dt.date.fromisoformat),
+    dt.time: _from_iso(dt.time.fromisoformat),
+    dt.timedelta: _to_timedelta,
+    uuid.UUID: _to_uuid,
+    bytes: _to_bytes,
+}
