@@ -1,0 +1,151 @@
+"""Shared fixtures: both backends through one parametrized fixture, and the real Redis.
+
+- PostgreSQL: one fresh database per test session (dropped afterwards); each test starts from
+  an empty ``public`` schema with the seed and test tables.
+- SQLite: a fresh file per test.
+- Redis: the real server, with a unique key prefix per test, cleaned up by prefix. Never FLUSH*.
+A service that does not answer fails the run with a message naming it; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import sqlalchemy as sa
+from redis.asyncio import Redis
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tests.tables import seed_all
+from worker.executor import create_engine
+from worker.service import Worker, open_worker
+from worker.settings import Settings, load_settings
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get(
+    "TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
+BACKENDS = ["sqlite", "postgresql"]
+
+
+def _asyncpg_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A database of its own for this test session, dropped at the end."""
+    name = f"update_worker_test_{uuid.uuid4().hex[:10]}"
+    admin = _asyncpg_dsn(POSTGRES_URL)
+
+    async def run(sql: str) -> None:
+        try:
+            connection = await asyncpg.connect(admin, timeout=10)
+        except (OSError, asyncpg.PostgresError) as error:
+            pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_URL}: {error}", pytrace=False)
+        try:
+            await connection.execute(sql)
+        finally:
+            await connection.close()
+
+    asyncio.run(run(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def database_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    if backend == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+async def engine(database_url: str, backend: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on a freshly seeded database (seed tables plus the test tables)."""
+    engine = create_engine(database_url, pool_size=5)
+    async with engine.begin() as connection:
+        if backend == "postgresql":
+            await connection.execute(sa.text("DROP SCHEMA public CASCADE"))
+            await connection.execute(sa.text("CREATE SCHEMA public"))
+        await seed_all(connection)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[Redis]:
+    client = Redis.from_url(REDIS_URL)
+    try:
+        await client.ping()
+    except (OSError, ConnectionError) as error:
+        pytest.fail(f"Redis is not reachable at {REDIS_URL}: {error}", pytrace=False)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def prefix(redis: Redis) -> AsyncIterator[str]:
+    """A Redis name prefix of this test's own; its keys are deleted afterwards."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    yield name
+    keys = [key async for key in redis.scan_iter(match=f"{name}:*", count=1000)]
+    if keys:
+        await redis.delete(*keys)
+
+
+@pytest.fixture
+def make_settings(database_url: str, prefix: str) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        flags = {
+            "database_url": database_url,
+            "redis_url": REDIS_URL,
+            "prefix": prefix,
+            "block_ms": 200,
+            "shutdown_grace_s": 5,
+            **overrides,
+        }
+        return load_settings({}, flags)
+
+    return make
+
+
+WorkerFactory = Callable[..., Awaitable[Worker]]
+
+
+@pytest.fixture
+async def start_worker(
+    engine: AsyncEngine, make_settings: Callable[..., Settings]
+) -> AsyncIterator[WorkerFactory]:
+    """Starts in-process workers on the seeded database; all are stopped at teardown."""
+    del engine  # the tables must exist before the worker reflects them
+    stack = contextlib.AsyncExitStack()
+    runs: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+
+    async def start(**overrides: Any) -> Worker:
+        worker = await stack.enter_async_context(open_worker(make_settings(**overrides)))
+        stop = asyncio.Event()
+        runs.append((stop, asyncio.create_task(worker.run(stop))))
+        return worker
+
+    yield start
+    for stop, _ in runs:
+        stop.set()
+    for _, task in runs:
+        await asyncio.wait_for(task, 15)
+    await stack.aclose()

@@ -1,0 +1,127 @@
+"""Settings from an injected environment, and the one error classification."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+import redis.exceptions
+from sqlalchemy import exc as sa_exc
+
+from worker import errors
+from worker.errors import SettingsError, classify
+from worker.settings import load_settings, mask_url
+
+
+def test_settings_come_from_the_given_mapping_only() -> None:
+    settings = load_settings({
+        "WORKER_CONCURRENCY": "3", "WORKER_TABLES": "books, users", "WORKER_PREFIX": "{orders}",
+        "HOME": "/ignored",
+    })  # fmt: skip
+    assert settings.concurrency == 3
+    assert settings.tables == ("books", "users")
+    assert settings.prefix == "{orders}"
+    assert settings.group == "update-workers"
+    assert settings.result_ttl == 86_400
+
+
+def test_flags_override_the_environment() -> None:
+    settings = load_settings({"WORKER_CONCURRENCY": "3"}, {"concurrency": "5", "batch_size": None})
+    assert settings.concurrency == 5
+    assert settings.batch_size == 100
+
+
+@pytest.mark.parametrize(
+    ("environ", "flags", "named"),
+    [
+        ({"WORKER_CONCURRENCY": "many"}, {}, "WORKER_CONCURRENCY"),
+        ({"WORKER_CONCURRENCY": "0"}, {}, "WORKER_CONCURRENCY"),
+        ({}, {"concurrency": "x"}, "--concurrency"),
+        ({"WORKER_CONCURENCY": "3"}, {}, "WORKER_CONCURENCY: unknown setting"),
+        ({"WORKER_DATABASE_URL": "mysql://u:secret@h/db"}, {}, "WORKER_DATABASE_URL"),
+        ({"WORKER_LOG_FORMAT": "xml"}, {}, "WORKER_LOG_FORMAT"),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_it(
+    environ: dict[str, str], flags: dict[str, str], named: str
+) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(environ, flags)
+    message = str(caught.value)
+    assert message.startswith(named)
+    assert "\n" not in message
+    assert "secret" not in message
+
+
+def test_urls_are_masked_everywhere_they_are_shown() -> None:
+    assert mask_url("redis://user:s3cret@host:6380/0") == "redis://user:***@host:6380/0"
+    assert mask_url("postgresql+asyncpg://u:pw@db/x") == "postgresql+asyncpg://u:***@db/x"
+    assert mask_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
+    settings = load_settings({"WORKER_REDIS_URL": "redis://u:s3cret@h:1/0"})
+    assert "s3cret" not in repr(settings)
+
+
+class _AsyncpgLike(Exception):
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(f"sqlstate {sqlstate}")
+        self.sqlstate = sqlstate
+
+
+def _dbapi(
+    orig: BaseException, kind: type[sa_exc.DBAPIError] = sa_exc.DBAPIError
+) -> sa_exc.DBAPIError:
+    return kind("UPDATE t SET a=1", {}, orig)
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "retryable"),
+    [
+        # asyncpg deadlocks and serialization failures arrive as plain DBAPIError + sqlstate.
+        (_dbapi(_AsyncpgLike("40P01")), "unavailable", True),
+        (_dbapi(_AsyncpgLike("40001")), "unavailable", True),
+        (_dbapi(_AsyncpgLike("57P01")), "unavailable", True),
+        (_dbapi(_AsyncpgLike("08006")), "unavailable", True),
+        (_dbapi(_AsyncpgLike("57014")), "timeout", False),
+        (_dbapi(_AsyncpgLike("23505"), sa_exc.IntegrityError), "integrity_error", False),
+        (_dbapi(_AsyncpgLike("22P02"), sa_exc.DataError), "data_error", False),
+        (
+            _dbapi(sqlite3.OperationalError("database is locked"), sa_exc.OperationalError),
+            "unavailable",
+            True,
+        ),
+        (
+            _dbapi(sqlite3.IntegrityError("NOT NULL constraint failed"), sa_exc.IntegrityError),
+            "integrity_error",
+            False,
+        ),
+        (_dbapi(_AsyncpgLike("42601")), "internal", False),
+        (redis.exceptions.ConnectionError("gone"), "unavailable", True),
+        (ConnectionRefusedError(111, "refused"), "unavailable", True),
+        (TimeoutError(), "timeout", False),
+        (KeyError("bug"), "internal", False),
+    ],
+)
+def test_classify_maps_driver_errors_onto_reply_codes(
+    error: BaseException, code: str, retryable: bool
+) -> None:
+    classified = classify(error)
+    assert (classified.code, classified.retryable) == (code, retryable)
+
+
+def test_a_lost_connection_is_transient_whatever_its_sqlstate() -> None:
+    error = _dbapi(_AsyncpgLike("XX000"))
+    error.connection_invalidated = True
+    assert classify(error).code == "unavailable"
+
+
+def test_every_reply_code_has_exactly_one_class() -> None:
+    codes = ["invalid_job", "unknown_table", "unknown_column", "forbidden_column", "missing_filter",
+             "expectation_failed", "id_conflict", "integrity_error", "data_error", "timeout",
+             "unavailable", "internal"]  # fmt: skip
+
+    def subclasses(cls: type[errors.WorkerError]) -> list[type[errors.WorkerError]]:
+        return [cls, *(sub for child in cls.__subclasses__() for sub in subclasses(child))]
+
+    classes = subclasses(errors.WorkerError)[1:]  # the base only supplies defaults
+    assert sorted(cls.code for cls in classes) == sorted(codes)
+    assert [cls.code for cls in classes if cls.retryable] == ["unavailable"]
