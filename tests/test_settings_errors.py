@@ -125,3 +125,40 @@ def test_every_reply_code_has_exactly_one_class() -> None:
     classes = subclasses(errors.WorkerError)[1:]  # the base only supplies defaults
     assert sorted(cls.code for cls in classes) == sorted(codes)
     assert [cls.code for cls in classes if cls.retryable] == ["unavailable"]
+
+
+async def test_transient_errors_are_retried_then_replied_unavailable_and_not_final() -> None:
+    import json as json_module
+
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from worker.errors import Unavailable
+    from worker.executor import Executor
+    from worker.jobs import Job, Reply, parse_entry
+
+    engine = create_async_engine("sqlite+aiosqlite://")  # never connected: the unit is a stand-in
+    executor = Executor(engine, worker="t", max_attempts=4, backoff_base_s=0.001)
+    parsed = parse_entry({b"job": json_module.dumps({"id": "r", "table": "t", "set": {"a": 1}, "all": True}).encode()},
+                         entry_id="1-0", max_job_bytes=1000)  # fmt: skip
+    assert isinstance(parsed, Job)
+    failures = {"left": 2}
+
+    async def flaky(attempt: object) -> Reply:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise Unavailable("deadlock detected", reason="deadlock")
+        return attempt.reply(status="ok", rowcount=1)  # type: ignore[attr-defined, no-any-return]
+
+    ok = await executor._with_retries(parsed, flaky)  # the policy alone, no database
+    assert (ok.status, ok.attempts) == ("ok", 3)
+
+    failures["left"] = 10
+    given_up = await executor._with_retries(parsed, flaky)
+    assert given_up.error is not None
+    assert (given_up.error.code, given_up.error.retryable, given_up.attempts) == (
+        "unavailable",
+        True,
+        4,
+    )
+    assert not given_up.final  # the entry stays pending for a later delivery
+    await engine.dispose()

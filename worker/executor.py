@@ -8,6 +8,7 @@ exponential backoff; permanent ones are recorded so a redelivery gets the same a
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,6 +31,8 @@ from worker.errors import ExpectationFailed, IdConflict, Unavailable, WorkerErro
 from worker.jobs import Job, Reply, UpdateResult
 from worker.values import to_json
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True, slots=True)
 class _Attempt:
@@ -41,25 +44,18 @@ class _Attempt:
     worker: str
 
     def reply(self, **outcome: Any) -> Reply:
-        elapsed_ms = round((time.perf_counter() - self.started) * 1000, 3)
-        return Reply(
-            id=self.job.id,
-            dry_run=self.job.dry_run,
-            attempts=self.number,
-            duration_ms=elapsed_ms,
-            worker=self.worker,
-            **outcome,
-        )
+        return Reply(id=self.job.id, **self._stamp(), **outcome)
 
     def failure(self, error: WorkerError) -> Reply:
-        return Reply.failure(
-            self.job.id,
-            error,
-            dry_run=self.job.dry_run,
-            attempts=self.number,
-            duration_ms=round((time.perf_counter() - self.started) * 1000, 3),
-            worker=self.worker,
-        )
+        return Reply.failure(self.job.id, error, **self._stamp())
+
+    def _stamp(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.job.dry_run,
+            "attempts": self.number,
+            "duration_ms": round((time.perf_counter() - self.started) * 1000, 3),
+            "worker": self.worker,
+        }
 
 
 class Executor:
@@ -101,6 +97,10 @@ class Executor:
                 if number >= self._max_attempts:
                     # Not final: the caller leaves the entry pending for a later delivery.
                     return attempt.failure(error)
+                log.warning(
+                    "job %s: %s (%s), attempt %d of %d; retrying",
+                    job.id, error.reason, error.message, number, self._max_attempts,
+                )  # fmt: skip
             number += 1
             await asyncio.sleep(self._backoff(number - 1))
 
