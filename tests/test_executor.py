@@ -1,34 +1,51 @@
-"""The executor against real databases: every test runs on SQLite and on PostgreSQL."""
+"""Jobs against real databases: every test runs on SQLite and on PostgreSQL, twice: straight
+through the executor, and end to end through the real Redis and a running worker."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.conftest import REDIS_URL, WorkerFactory
 from tests.tables import items
+from tests.test_service import wait_for_message
+from worker.client import UpdateClient
 from worker.compiler import compile_job
 from worker.demo import books, users
 from worker.errors import WorkerError
 from worker.executor import Executor
 from worker.jobs import Job, Reply, parse_entry
-from worker.ledger import ledger
+from worker.ledger import ensure_ledger, ledger
 from worker.schema import Schema, reflect_schema
 
 
 class Runner:
-    """Parse, compile and execute, the way the service does, minus Redis."""
+    """Parse, compile and execute, the way the service does; through Redis when ``via`` is set."""
 
-    def __init__(self, engine: AsyncEngine, schema: Schema) -> None:
+    def __init__(self, engine: AsyncEngine, schema: Schema, *, via: str | None = None) -> None:
         self.engine = engine
         self.schema = schema
         self.executor = Executor(engine, worker="test", max_returning=3)
+        self.via = via  # a Redis prefix with a worker serving it
 
     async def __call__(self, document: dict[str, Any]) -> Reply:
+        if self.via is not None:
+            # A client per job: each has its own reply channel, so duplicates each get a reply.
+            async with UpdateClient(REDIS_URL, prefix=self.via) as client:
+                if "reply_to" not in document:
+                    return await client.result(await client.submit(document), timeout=20)
+                # A producer naming its own channel listens there, not on the client's.
+                async with Redis.from_url(REDIS_URL) as redis, redis.pubsub() as pubsub:
+                    await pubsub.subscribe(document["reply_to"])
+                    await client.submit(document)
+                    return Reply.model_validate(await wait_for_message(pubsub))
         parsed = parse_entry(
             {b"job": json.dumps(document).encode()}, entry_id="1-0", max_job_bytes=65536
         )
@@ -53,13 +70,17 @@ class Runner:
             )
 
 
-@pytest.fixture
-async def run(engine: AsyncEngine) -> Runner:
-    from worker.ledger import ensure_ledger
-
+@pytest.fixture(params=["executor", "redis"])
+async def run(
+    engine: AsyncEngine, start_worker: WorkerFactory, request: pytest.FixtureRequest
+) -> Runner:
     async with engine.begin() as connection:
         await ensure_ledger(connection)
-    return Runner(engine, await reflect_schema(engine))
+    schema = await reflect_schema(engine)
+    if request.param == "executor":
+        return Runner(engine, schema)
+    worker = await start_worker(max_returning=3)
+    return Runner(engine, schema, via=worker.settings.prefix)
 
 
 async def test_one_row_by_key_seed_style(run: Runner) -> None:
@@ -222,7 +243,7 @@ async def test_dry_run_counts_then_rolls_back_and_leaves_the_ledger_alone(run: R
 async def test_the_same_id_is_replayed_not_applied_twice(run: Runner) -> None:
     job = {"id": "inc-once", "table": "items", "inc": {"qty": 5}, "key": {"id": 1}}
     first = await run(job)
-    second = await run({**job, "reply_to": "elsewhere"})
+    second = await run({**job, "reply_to": f"elsewhere-{uuid.uuid4().hex}"})
     assert (first.replayed, second.replayed) == (False, True)
     assert second.rowcount == first.rowcount == 1
     assert (await run.rows(items, "qty"))[0] == (15,)
