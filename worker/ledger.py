@@ -8,6 +8,7 @@ first, the caller rolls its own work back and replays the stored reply instead.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass
 from typing import Final
 
@@ -42,11 +43,8 @@ async def ensure_ledger(connection: AsyncConnection) -> None:
 
 async def record(session: AsyncSession, *, job_id: str, payload_hash: str, reply: str) -> bool:
     """Insert the ledger row; False when the id is already there."""
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = insert(ledger).on_conflict_do_nothing(index_elements=[ledger.c.job_id])
     result = await session.execute(
-        statement,
+        _insert_once(session.get_bind().dialect.name),
         {"job_id": job_id, "payload_hash": payload_hash, "reply": reply, "finished_at": _now()},
     )
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
@@ -56,6 +54,13 @@ async def lookup(session: AsyncSession, job_id: str) -> Entry | None:
     statement = sa.select(ledger.c.payload_hash, ledger.c.reply).where(ledger.c.job_id == job_id)
     row = (await session.execute(statement)).one_or_none()
     return None if row is None else Entry(payload_hash=row.payload_hash, reply=row.reply)
+
+
+@functools.cache
+def _insert_once(dialect: str) -> sa.Insert:
+    """INSERT ... ON CONFLICT DO NOTHING, built once per dialect: it runs for every job."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return insert(ledger).on_conflict_do_nothing(index_elements=[ledger.c.job_id])
 
 
 def _now() -> dt.datetime:
