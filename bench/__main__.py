@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -122,6 +124,26 @@ async def next_reply(pubsub: Any, *, timeout: float) -> dict[str, Any] | None:
     return None
 
 
+@contextlib.asynccontextmanager
+async def database(backend: str) -> AsyncIterator[str]:
+    """A throwaway database for one backend's run, removed afterwards."""
+    if backend == "sqlite":
+        with tempfile.TemporaryDirectory() as directory:
+            yield f"sqlite+aiosqlite:///{directory}/bench.db"
+        return
+    name = f"update_worker_bench_{uuid.uuid4().hex[:6]}"
+    admin = await asyncpg.connect(POSTGRES_ADMIN)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield (
+            POSTGRES_ADMIN.replace("postgresql://", "postgresql+asyncpg://").rsplit("/", 1)[0]
+            + f"/{name}"
+        )
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(prog="make bench")
     parser.add_argument("--jobs", type=int, default=5000)
@@ -138,34 +160,13 @@ async def main() -> None:
     print(
         f"throughput: {args.jobs} jobs until every reply is in; latency: {args.sequential} sequential round trips\n"
     )
+    backends = ["postgresql", "sqlite"] if args.backend == "both" else [args.backend]
     results = []
-    if args.backend in ("postgresql", "both"):
-        name = f"update_worker_bench_{uuid.uuid4().hex[:6]}"
-        admin = await asyncpg.connect(POSTGRES_ADMIN)
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            url = (
-                POSTGRES_ADMIN.replace("postgresql://", "postgresql+asyncpg://").rsplit("/", 1)[0]
-                + f"/{name}"
-            )
+    for backend in backends:
+        async with database(backend) as url:
             results.append(
                 await measure(
-                    "postgresql",
-                    url,
-                    jobs=args.jobs,
-                    sequential=args.sequential,
-                    concurrency=args.concurrency,
-                )
-            )
-        finally:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            await admin.close()
-    if args.backend in ("sqlite", "both"):
-        with tempfile.TemporaryDirectory() as directory:
-            url = f"sqlite+aiosqlite:///{directory}/bench.db"
-            results.append(
-                await measure(
-                    "sqlite",
+                    backend,
                     url,
                     jobs=args.jobs,
                     sequential=args.sequential,
