@@ -132,12 +132,12 @@ async def test_transient_errors_are_retried_then_replied_unavailable_and_not_fin
 
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from worker.errors import Unavailable
+    from worker.errors import Backoff, Unavailable
     from worker.executor import Executor
     from worker.jobs import Job, Reply, parse_entry
 
     engine = create_async_engine("sqlite+aiosqlite://")  # never connected: the unit is a stand-in
-    executor = Executor(engine, worker="t", max_attempts=4, backoff_base_s=0.001)
+    executor = Executor(engine, worker="t", max_attempts=4, backoff=Backoff(0.001, 0.001))
     parsed = parse_entry({b"job": json_module.dumps({"id": "r", "table": "t", "set": {"a": 1}, "all": True}).encode()},
                          entry_id="1-0", max_job_bytes=1000)  # fmt: skip
     assert isinstance(parsed, Job)

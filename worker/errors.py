@@ -8,11 +8,18 @@ translated into that tree. Callers branch on the class, never on message text.
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 import sqlite3
-from typing import ClassVar
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import ClassVar, TypeVar
 
 import redis.exceptions
 from sqlalchemy import exc as sa_exc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class WorkerError(Exception):
@@ -97,6 +104,47 @@ class InternalError(WorkerError):
 
 class SettingsError(Exception):
     """A bad setting. The message is one line that names the variable or flag."""
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """How long to wait before the next try of a transient failure: full-jitter exponential.
+
+    The n-th consecutive failure waits a random time up to ``base_s * 2**(n-1)``, capped at
+    ``cap_s``, so workers that failed together do not retry together.
+    """
+
+    base_s: float
+    cap_s: float
+
+    def delay(self, failures: int) -> float:
+        ceiling = min(self.cap_s, self.base_s * 2 ** max(failures - 1, 0))
+        return random.uniform(0, ceiling)  # noqa: S311 - jitter, not cryptography
+
+
+#: Database transactions: deadlocks and busy locks clear in milliseconds.
+DATABASE_BACKOFF = Backoff(base_s=0.02, cap_s=2.0)
+#: Redis commands: a restarting server needs about a second.
+REDIS_BACKOFF = Backoff(base_s=0.1, cap_s=2.0)
+
+
+async def retry_transient(
+    action: Callable[[], Awaitable[T]], *, attempts: int, backoff: Backoff, what: str
+) -> T:
+    """Await ``action()``, trying again while it fails with a transient error.
+
+    A permanent error, or the last transient one, propagates unchanged.
+    """
+    failures = 0
+    while True:
+        try:
+            return await action()
+        except Exception as error:
+            failures += 1
+            if not classify(error).retryable or failures >= attempts:
+                raise
+            log.warning("%s failed (%s), try %d of %d; retrying", what, error, failures, attempts)
+        await asyncio.sleep(backoff.delay(failures))
 
 
 # SQLSTATE codes (PostgreSQL appendix A) that mean "try again".

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -27,11 +26,22 @@ from sqlalchemy.ext.asyncio import (
 
 from worker import ledger
 from worker.compiler import Plan, Statement
-from worker.errors import ExpectationFailed, IdConflict, Unavailable, WorkerError, classify
+from worker.errors import (
+    DATABASE_BACKOFF,
+    Backoff,
+    ExpectationFailed,
+    IdConflict,
+    Unavailable,
+    WorkerError,
+    classify,
+)
 from worker.jobs import Job, Reply, UpdateResult
 from worker.values import to_json
 
 log = logging.getLogger(__name__)
+
+#: Execution option marking the executor's connections, whose SQLite transactions write.
+_WRITES = "update_worker_writes"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,15 +78,15 @@ class Executor:
         worker: str,
         max_attempts: int = 5,
         max_returning: int = 1000,
-        backoff_base_s: float = 0.02,
-        backoff_cap_s: float = 2.0,
+        backoff: Backoff = DATABASE_BACKOFF,
     ) -> None:
-        self._sessions = async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+        self._sessions = async_sessionmaker(
+            engine.execution_options(**{_WRITES: True}), expire_on_commit=False, autoflush=False
+        )
         self._worker = worker
         self._max_attempts = max_attempts
         self._max_returning = max_returning
-        self._backoff_base_s = backoff_base_s
-        self._backoff_cap_s = backoff_cap_s
+        self._backoff = backoff
 
     async def execute(self, job: Job, plan: Plan) -> Reply:
         """Apply ``job``, or replay its stored reply when its id was already applied."""
@@ -101,12 +111,13 @@ class Executor:
                     "job %s: %s (%s), attempt %d of %d; retrying",
                     job.id, error.reason, error.message, number, self._max_attempts,
                 )  # fmt: skip
+            await asyncio.sleep(self._backoff.delay(number))
             number += 1
-            await asyncio.sleep(self._backoff(number - 1))
 
-    def _backoff(self, failures: int) -> float:
-        ceiling = min(self._backoff_cap_s, self._backoff_base_s * 2 ** (failures - 1))
-        return random.uniform(0, ceiling)  # noqa: S311 - jitter, not cryptography
+    async def replay(self, job: Job) -> Reply | None:
+        """The stored reply of a job that already finished, or None if it never did."""
+        attempt = _Attempt(job=job, number=1, started=time.perf_counter(), worker=self._worker)
+        return await self._stored(attempt)
 
     async def _apply(self, attempt: _Attempt, plan: Plan) -> Reply:
         job = attempt.job
@@ -140,12 +151,19 @@ class Executor:
         return await self._replay(attempt)
 
     async def _replay(self, attempt: _Attempt) -> Reply:
+        """The reply of the delivery whose ledger insert won over ours."""
+        reply = await self._stored(attempt)
+        if reply is None:
+            # Inserted by nobody we can see: only possible if it was pruned in between. Try again.
+            raise Unavailable(f"ledger row for {attempt.job.id!r} vanished", reason="ledger_race")
+        return reply
+
+    async def _stored(self, attempt: _Attempt) -> Reply | None:
         job = attempt.job
         async with self._session() as session:
             entry = await ledger.lookup(session, job.id)
         if entry is None:
-            # Inserted by nobody we can see: only possible if it was pruned in between. Try again.
-            raise Unavailable(f"ledger row for {job.id!r} vanished", reason="ledger_race")
+            return None
         if entry.payload_hash != job.payload_hash:
             return attempt.failure(
                 IdConflict(f"id {job.id!r} was already used for a different job")
@@ -199,20 +217,42 @@ def _outcome(job: Job, results: list[UpdateResult]) -> dict[str, Any]:
     return {"rowcount": results[0].rowcount, "returning": results[0].returning}
 
 
-def create_engine(database_url: str, *, pool_size: int) -> AsyncEngine:
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Per-connection limits, so no transaction waits or idles forever. 0 turns one off."""
+
+    statement_ms: int = 30_000
+    lock_ms: int = 5_000
+    idle_in_transaction_ms: int = 60_000
+
+
+def create_engine(
+    database_url: str, *, pool_size: int, timeouts: Timeouts | None = None
+) -> AsyncEngine:
     """The engine for ``database_url``, tuned for short write transactions.
 
     No ``pool_pre_ping``: it would double the round trips of every job. A dropped connection
-    instead surfaces as ``connection_invalidated``, which :func:`classify` treats as transient,
-    so the job is retried on a fresh connection.
+    instead surfaces as a disconnect, which invalidates the whole pool and which
+    :func:`classify` treats as transient, so the job is retried on a fresh connection.
     """
-    engine = create_async_engine(database_url, pool_size=pool_size, max_overflow=2)
+    timeouts = timeouts or Timeouts()
+    connect_args: dict[str, Any] = {}
+    if database_url.startswith("postgresql"):
+        # Sent in the startup packet: no extra round trip, and they hold for every transaction.
+        connect_args["server_settings"] = {
+            "statement_timeout": str(timeouts.statement_ms),
+            "lock_timeout": str(timeouts.lock_ms),
+            "idle_in_transaction_session_timeout": str(timeouts.idle_in_transaction_ms),
+        }
+    engine = create_async_engine(
+        database_url, pool_size=pool_size, max_overflow=2, connect_args=connect_args
+    )
     if engine.dialect.name == "sqlite":
-        _tune_sqlite(engine)
+        _tune_sqlite(engine, busy_timeout_ms=timeouts.lock_ms)
     return engine
 
 
-def _tune_sqlite(engine: AsyncEngine) -> None:
+def _tune_sqlite(engine: AsyncEngine, *, busy_timeout_ms: int) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Take transaction control away from the driver so BEGIN IMMEDIATE below is ours.
@@ -220,7 +260,7 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
         cursor = dbapi_connection.cursor()
         for pragma in (
             "PRAGMA journal_mode=WAL",
-            "PRAGMA busy_timeout=5000",
+            f"PRAGMA busy_timeout={int(busy_timeout_ms)}",
             "PRAGMA foreign_keys=ON",
             # PostgreSQL's LIKE is case-sensitive; SQLite's is not by default. Same job, same rows.
             "PRAGMA case_sensitive_like=ON",
@@ -230,6 +270,8 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def on_begin(connection: Any) -> None:
-        # Take the write lock up front: a deferred transaction that upgrades later can fail
-        # with SQLITE_BUSY at once, without waiting out busy_timeout.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Jobs take the write lock up front: a deferred transaction that upgrades later can
+        # fail with SQLITE_BUSY at once, without waiting out busy_timeout. Everything else
+        # (start-up reflection, checks) only reads, so it must not queue behind writers.
+        writes = connection.get_execution_options().get(_WRITES, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")

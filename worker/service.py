@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 from worker.compiler import compile_job
 from worker.errors import WorkerError, classify
-from worker.executor import Executor, create_engine
+from worker.executor import Executor, Timeouts, create_engine
 from worker.jobs import Rejection, Reply, parse_entry
 from worker.ledger import ensure_ledger
+from worker.recovery import Recovery
 from worker.schema import Schema, build_schema, load_models, reflect_schema
 from worker.settings import Settings, mask_url
 from worker.transport import Entry, Names, Transport, connect
@@ -33,6 +34,7 @@ class Worker:
     transport: Transport
     executor: Executor
     schema: Schema
+    recovery: Recovery
 
     async def run(self, stop: asyncio.Event | None = None, *, burst: bool = False) -> None:
         """Serve jobs until ``stop`` is set; with ``burst``, until the stream has nothing new.
@@ -41,29 +43,37 @@ class Worker:
         pending in the group, for any worker to claim.
         """
         stop = stop or asyncio.Event()
-        in_flight: set[asyncio.Task[None]] = set()
+        in_flight: dict[str, asyncio.Task[None]] = {}
+        renewing = asyncio.create_task(self.recovery.keep_claims(lambda: list(in_flight)))
         concurrency = self.settings.concurrency
         try:
             while not stop.is_set():
-                if len(in_flight) >= concurrency:
-                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                free = concurrency - len(in_flight)
+                if free <= 0:
+                    await asyncio.wait(in_flight.values(), return_when=asyncio.FIRST_COMPLETED)
                     continue
-                count = min(self.settings.batch_size, concurrency - len(in_flight))
-                entries = await self._read(
-                    stop, count=count, block_ms=None if burst else self.settings.block_ms
+                entries = await self._next(
+                    stop, count=min(self.settings.batch_size, free), burst=burst
                 )
                 if entries is None:
                     break
                 if not entries and burst:
                     if not in_flight:
                         break
-                    await asyncio.wait(in_flight)
+                    await asyncio.wait(in_flight.values())
                 for entry in entries:
-                    task = asyncio.create_task(self.handle(entry), name=f"job {entry.id}")
-                    in_flight.add(task)
-                    task.add_done_callback(in_flight.discard)
+                    if entry.id not in in_flight:  # claimed back while still running here
+                        in_flight[entry.id] = self._start(entry, in_flight)
         finally:
-            await self._drain(in_flight)
+            await self._drain(set(in_flight.values()))
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
+
+    def _start(self, entry: Entry, in_flight: dict[str, asyncio.Task[None]]) -> asyncio.Task[None]:
+        task = asyncio.create_task(self.handle(entry), name=f"job {entry.id}")
+        task.add_done_callback(lambda _: in_flight.pop(entry.id, None))
+        return task
 
     async def handle(self, entry: Entry) -> None:
         """Answer one entry. Never raises: the loop must outlive any single job."""
@@ -78,6 +88,9 @@ class Worker:
         )
         if isinstance(parsed, Rejection):
             await self._reject(entry, parsed)
+            return
+        if self.recovery.exhausted(entry):
+            await self.recovery.give_up(entry, parsed)
             return
         try:
             plan = compile_job(parsed, self.schema)
@@ -97,6 +110,18 @@ class Worker:
         await self.transport.dead_letter(
             entry, reason=rejection.dead_letter_reason, reply=reply, channel=rejection.reply_to
         )
+
+    async def _next(self, stop: asyncio.Event, *, count: int, burst: bool) -> list[Entry] | None:
+        """Entries others left behind when a claim is due, else new ones; None once stopped."""
+        if self.recovery.until_claim_ms() == 0:
+            try:
+                if claimed := await self.recovery.claim(count=count):
+                    return claimed
+            except Exception as error:  # noqa: BLE001 - classified and logged; claimed next time
+                log.warning("claiming idle entries failed (%s)", classify(error).message)
+        # Wake up in time for the next claim, so orphans never wait on an idle stream.
+        block_ms = min(self.settings.block_ms, max(1, self.recovery.until_claim_ms()))
+        return await self._read(stop, count=count, block_ms=None if burst else block_ms)
 
     async def _read(
         self, stop: asyncio.Event, *, count: int, block_ms: int | None
@@ -119,6 +144,7 @@ class Worker:
             return []
 
     async def _drain(self, in_flight: set[asyncio.Task[None]]) -> None:
+        """Give running jobs the grace period, then cancel them; they stay pending."""
         if not in_flight:
             return
         _, late = await asyncio.wait(in_flight, timeout=self.settings.shutdown_grace_s)
@@ -132,13 +158,19 @@ class Worker:
 @contextlib.asynccontextmanager
 async def open_worker(settings: Settings) -> AsyncIterator[Worker]:
     """Connect to the database and Redis, load the schema, and yield a ready Worker."""
-    engine = create_engine(settings.database_url, pool_size=settings.concurrency)
+    timeouts = Timeouts(
+        statement_ms=settings.statement_timeout_ms,
+        lock_ms=settings.lock_timeout_ms,
+        idle_in_transaction_ms=settings.idle_in_transaction_timeout_ms,
+    )
+    engine = create_engine(settings.database_url, pool_size=settings.concurrency, timeouts=timeouts)
     transport = Transport(
         connect(settings.redis_url, block_ms=settings.block_ms),
         Names(settings.prefix),
         group=settings.group,
         consumer=settings.consumer,
         result_ttl=settings.result_ttl,
+        write_attempts=settings.max_attempts,
     )
     try:
         async with engine.begin() as connection:
@@ -167,7 +199,20 @@ async def open_worker(settings: Settings) -> AsyncIterator[Worker]:
             mask_url(settings.redis_url),
             transport.names.stream,
         )
-        yield Worker(settings=settings, transport=transport, executor=executor, schema=schema)
+        recovery = Recovery(
+            transport=transport,
+            executor=executor,
+            worker=settings.consumer,
+            claim_idle_ms=settings.claim_idle_ms,
+            max_deliveries=settings.max_deliveries,
+        )
+        yield Worker(
+            settings=settings,
+            transport=transport,
+            executor=executor,
+            schema=schema,
+            recovery=recovery,
+        )
     finally:
         await transport.aclose()
         await engine.dispose()

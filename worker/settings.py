@@ -59,6 +59,15 @@ class Settings(BaseSettings):
     max_attempts: int = Field(5, ge=1, le=100, description="tries of a transient failure")
     max_job_bytes: int = Field(65_536, ge=256, description="largest accepted job")
     max_returning: int = Field(1000, ge=0, description="most RETURNING rows put in a reply")
+    statement_timeout_ms: int = Field(
+        30_000, ge=0, description="PostgreSQL statement_timeout per statement (0: none)"
+    )
+    lock_timeout_ms: int = Field(
+        5_000, ge=0, description="wait for a row lock: PostgreSQL lock_timeout, SQLite busy_timeout"
+    )
+    idle_in_transaction_timeout_ms: int = Field(
+        60_000, ge=0, description="PostgreSQL idle_in_transaction_session_timeout (0: none)"
+    )
     shutdown_grace_s: float = Field(30.0, ge=0, description="time in-flight jobs get on shutdown")
     tables: CommaList = Field((), description="comma list of tables jobs may update (default: all)")
     readonly_columns: CommaList = Field((), description="comma list of table.column never set")

@@ -1,4 +1,4 @@
-"""Redis streams: read jobs, reply and ack, dead letters (DESIGN.md §1, §4, §6).
+"""Redis streams: read and claim jobs, reply and ack, dead letters (DESIGN.md §1, §4, §6).
 
 The only module that knows Redis commands. A reply is stored, published and acked in one
 MULTI, so an entry is never acked without its reply, and never replied twice as "final".
@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
+from worker.errors import REDIS_BACKOFF, retry_transient
 from worker.jobs import Reply
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,33 @@ class Names:
 class Entry:
     id: str
     fields: Mapping[bytes, bytes]
+    #: How many times the group has handed this entry out, this time included.
+    deliveries: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What one XAUTOCLAIM took over from consumers that went quiet."""
+
+    entries: list[Entry]
+    #: Pending ids whose stream data was trimmed or deleted; Redis dropped them from the group.
+    deleted: list[str]
+
+
+# Resets the idle time of the given entries, but only of those this consumer still owns: a
+# worker whose claim lapsed (a long stall) must not steal an entry back from its new owner.
+# XCLAIM ... JUSTID leaves the delivery count alone.
+_RENEW_SCRIPT: Final = """
+local renewed = 0
+for i = 3, #ARGV do
+  local owned = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if #owned > 0 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    renewed = renewed + 1
+  end
+end
+return renewed
+"""
 
 
 def connect(url: str, *, block_ms: int = 0) -> Redis:
@@ -68,12 +97,16 @@ class Transport:
         group: str,
         consumer: str,
         result_ttl: int,
+        write_attempts: int = 5,
     ) -> None:
         self.redis = redis
         self.names = names
         self._group = group
         self._consumer = consumer
         self._result_ttl = result_ttl
+        self._write_attempts = write_attempts
+        self._claim_cursor = "0-0"
+        self._renew = redis.register_script(_RENEW_SCRIPT)
 
     async def ensure_group(self) -> None:
         """Create the consumer group (and the stream) if missing.
@@ -93,11 +126,7 @@ class Transport:
                 self._group, self._consumer, {self.names.stream: ">"}, count=count, block=block_ms
             )
         except ResponseError as error:
-            if not str(error).startswith("NOGROUP"):
-                raise
-            # The stream or group vanished (a Redis restart without persistence, a DEL).
-            log.warning("consumer group %s is missing; recreating it", self._group)
-            await self.ensure_group()
+            await self._recreate_group(error)
             return []
         return [
             Entry(id=entry_id.decode(), fields=fields)
@@ -105,27 +134,95 @@ class Transport:
             for entry_id, fields in entries
         ]
 
+    async def claim(self, *, count: int, min_idle_ms: int) -> Claim:
+        """Take over entries other consumers left pending for ``min_idle_ms`` (XAUTOCLAIM).
+
+        Successive calls walk the whole pending list, ``count`` entries at a time.
+        """
+        try:
+            cursor, claimed, *rest = await self.redis.xautoclaim(
+                self.names.stream,
+                self._group,
+                self._consumer,
+                min_idle_ms,
+                start_id=self._claim_cursor,
+                count=count,
+            )
+        except ResponseError as error:
+            await self._recreate_group(error)
+            return Claim(entries=[], deleted=[])
+        self._claim_cursor = _text(cursor)
+        # Redis 7 reports entries whose data is gone in a third element (and drops them from
+        # the pending list itself).
+        deleted = [_text(entry_id) for entry_id in (rest[0] if rest else [])]
+        live = [(_text(entry_id), fields) for entry_id, fields in claimed if fields is not None]
+        counts = await self._deliveries([entry_id for entry_id, _ in live])
+        entries = [
+            Entry(id=entry_id, fields=fields, deliveries=counts.get(entry_id, 1))
+            for entry_id, fields in live
+        ]
+        return Claim(entries=entries, deleted=deleted)
+
+    async def _deliveries(self, entry_ids: list[str]) -> dict[str, int]:
+        if not entry_ids:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id in entry_ids:
+                pipe.xpending_range(self.names.stream, self._group, entry_id, entry_id, 1)
+            found = await pipe.execute()
+        return {_text(row[0]["message_id"]): int(row[0]["times_delivered"]) for row in found if row}
+
+    async def renew(self, entry_ids: list[str]) -> int:
+        """Reset the idle time of entries this consumer is still running; how many it owns."""
+        if not entry_ids:
+            return 0
+        keys, args = [self.names.stream], [self._group, self._consumer, *entry_ids]
+        try:
+            return int(await self._renew(keys=keys, args=args))
+        except ResponseError as error:
+            await self._recreate_group(error)
+            return 0
+
+    async def _recreate_group(self, error: ResponseError) -> None:
+        if "NOGROUP" not in str(error):
+            raise error
+        # The stream or group vanished (a Redis restart without persistence, a DEL).
+        log.warning("consumer group %s is missing; recreating it", self._group)
+        await self.ensure_group()
+
+    async def stored_reply(self, job_id: str) -> bytes | None:
+        """The reply last stored under the job's result key, if it has not expired."""
+        data = await self.redis.get(self.names.result(job_id))
+        return data.encode() if isinstance(data, str) else data
+
     async def reply(
         self, entry_id: str, reply: Reply, *, channel: str | None, ack: bool = True
     ) -> None:
         """Store the reply under its result key, publish it, and (when final) ack the entry."""
         data = reply.encode()
-        async with self.redis.pipeline(transaction=True) as pipe:
+
+        def commands(pipe: Pipeline) -> None:
             pipe.set(self.names.result(reply.id), data, ex=self._result_ttl)
             pipe.publish(channel or self.names.replies, data)
             if ack:
                 self._ack(pipe, entry_id)
-            await pipe.execute()
+
+        await self._write(commands, what=f"reply to {reply.id}")
 
     async def dead_letter(
-        self, entry: Entry, *, reason: str, reply: Reply, channel: str | None
+        self,
+        entry: Entry,
+        *,
+        reason: str,
+        reply: Reply,
+        channel: str | None,
+        details: Mapping[str, str | int] | None = None,
     ) -> None:
         """Move an entry that can never succeed to the dead-letter stream, with its reply."""
         letter: dict[Any, Any] = {
-            "entry_id": entry.id,
-            "reason": reason,
-            "worker": self._consumer,
-            "failed_at_ms": int(time.time() * 1000),
+            **self._letter(entry.id, reason),
+            "deliveries": entry.deliveries,
+            **(details or {}),
         }
         if (raw := entry.fields.get(b"job")) is not None:
             letter["job"] = raw
@@ -134,14 +231,51 @@ class Transport:
                 {_text(key): _text(value) for key, value in other.items()}
             )
         data = reply.encode()
-        async with self.redis.pipeline(transaction=True) as pipe:
+
+        def commands(pipe: Pipeline) -> None:
             pipe.xadd(self.names.dead, letter)
             pipe.set(self.names.result(reply.id), data, ex=self._result_ttl)
             pipe.publish(channel or self.names.replies, data)
             self._ack(pipe, entry.id)
-            await pipe.execute()
 
-    def _ack(self, pipe: Any, entry_id: str) -> None:
+        await self._write(commands, what=f"dead letter {entry.id}")
+
+    async def drop_deleted(self, entry_ids: list[str]) -> None:
+        """Ack entries whose data is gone, and leave a dead letter saying so for each."""
+        if not entry_ids:
+            return
+
+        def commands(pipe: Pipeline) -> None:
+            for entry_id in entry_ids:
+                pipe.xack(self.names.stream, self._group, entry_id)
+                pipe.xadd(self.names.dead, self._letter(entry_id, "entry_deleted"))
+
+        await self._write(commands, what="drop deleted entries")
+
+    async def _write(self, commands: Callable[[Pipeline], None], *, what: str) -> None:
+        """Run ``commands`` in one MULTI, again after a reconnect if Redis went away.
+
+        Running it twice is harmless: SET, XACK and XDEL are idempotent, a reply published
+        twice carries the same id, and a doubled dead letter replays under the same job id.
+        If Redis stays away the entry stays pending, and a worker claims it later.
+        """
+
+        async def once() -> None:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                commands(pipe)
+                await pipe.execute()
+
+        await retry_transient(once, attempts=self._write_attempts, backoff=REDIS_BACKOFF, what=what)
+
+    def _letter(self, entry_id: str, reason: str) -> dict[Any, Any]:
+        return {
+            "entry_id": entry_id,
+            "reason": reason,
+            "worker": self._consumer,
+            "failed_at_ms": int(time.time() * 1000),
+        }
+
+    def _ack(self, pipe: Pipeline, entry_id: str) -> None:
         # XDEL after XACK keeps the stream from growing forever: this group owns the stream, so
         # once an entry is answered nobody needs it. XLEN is then the backlog plus pending.
         pipe.xack(self.names.stream, self._group, entry_id)
@@ -159,5 +293,7 @@ def _streams(response: Any) -> list[tuple[Any, list[tuple[bytes, Mapping[bytes, 
     return [(name, entries) for name, entries in response]
 
 
-def _text(value: bytes) -> str:
+def _text(value: bytes | str) -> str:
+    if isinstance(value, str):
+        return value
     return value.decode("utf-8", errors="backslashreplace")
