@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
@@ -34,6 +35,18 @@ POSTGRES_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 )
 BACKENDS = ["sqlite", "postgresql"]
+T = TypeVar("T")
+
+
+async def eventually(fetch: Callable[[], Awaitable[T | None]], *, timeout: float = 10) -> T:
+    """The first truthy value ``fetch()`` returns, polled until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if value := await fetch():
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing from {fetch} after {timeout} s")
+        await asyncio.sleep(0.02)
 
 
 def _asyncpg_dsn(url: str) -> str:

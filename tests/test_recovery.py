@@ -8,14 +8,14 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.conftest import REDIS_URL, WorkerFactory
+from tests.conftest import REDIS_URL, WorkerFactory, eventually
 from tests.tables import items
 from tests.test_service import text
 from worker.errors import Unavailable
@@ -26,18 +26,6 @@ from worker.settings import Settings
 from worker.transport import Names, Transport, connect
 
 GROUP = "update-workers"
-T = TypeVar("T")
-
-
-async def eventually(fetch: Callable[[], Awaitable[T | None]], *, timeout: float = 10) -> T:
-    """The first truthy value ``fetch()`` returns, polled until ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if value := await fetch():
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"nothing from {fetch} after {timeout} s")
-        await asyncio.sleep(0.02)
 
 
 def inc_job(job_id: str, item_id: int = 1) -> dict[str, Any]:
