@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import asdict, dataclass, field
@@ -369,3 +370,36 @@ async def test_sigterm_under_load_exits_zero_and_leaves_nothing_half_done(
                 (await connection.execute(sa.select(hits.c.count).order_by(hits.c.id))).scalars()
             )
         assert final == [1] * jobs
+
+
+async def test_a_second_signal_exits_at_once_and_leaves_the_running_job_pending(
+    fault_db: AsyncEngine, database_url: str, private_redis: PrivateRedis, prefix: str,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    await prepare(fault_db, 2)
+    env = worker_env(database_url, private_redis.url, prefix,
+                     WORKER_SHUTDOWN_GRACE_S="60", WORKER_LOCK_TIMEOUT_MS="60000")  # fmt: skip
+    workers = WorkerProcesses(env, tmp_path)
+    stream = f"{prefix}:jobs"
+    async with Redis.from_url(private_redis.url) as redis:
+        process = workers.spawn()
+        await redis.xadd(stream, {"job": job(0)})
+        await eventually(lambda: redis.get(f"{prefix}:result:job-0"), timeout=30)  # worker is up
+        async with fault_db.connect() as connection, connection.begin():
+            await connection.execute(hits.update().where(hits.c.id == 1).values(count=hits.c.count))
+            await redis.xadd(stream, {"job": job(1)})
+            await eventually(lambda: _pending_count(redis, stream))  # job-1 waits on the lock
+            process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(1)  # the point: the first signal waits for the running job
+            assert process.poll() is None, workers.tail()
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(process.wait, 10) == 1
+        assert await _pending_count(redis, stream) == 1  # not acked: the next worker gets it
+    async with fault_db.connect() as connection:
+        assert (
+            await connection.execute(sa.select(hits.c.count).where(hits.c.id == 1))
+        ).scalar() == 0
+
+
+async def _pending_count(redis: Redis, stream: str) -> int:
+    return int((await redis.xpending(stream, GROUP))["pending"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from typing import Any
 
 import pytest
 import redis.exceptions
@@ -80,6 +81,9 @@ def _dbapi(
         (_dbapi(_AsyncpgLike("40P01")), "unavailable", True),
         (_dbapi(_AsyncpgLike("40001")), "unavailable", True),
         (_dbapi(_AsyncpgLike("57P01")), "unavailable", True),
+        (_dbapi(_AsyncpgLike("57P02")), "unavailable", True),
+        (_dbapi(_AsyncpgLike("57P03")), "unavailable", True),
+        (_dbapi(_AsyncpgLike("55P03")), "unavailable", True),  # lock_timeout
         (_dbapi(_AsyncpgLike("08006")), "unavailable", True),
         (_dbapi(_AsyncpgLike("57014")), "timeout", False),
         (_dbapi(_AsyncpgLike("23505"), sa_exc.IntegrityError), "integrity_error", False),
@@ -96,6 +100,7 @@ def _dbapi(
         ),
         (_dbapi(_AsyncpgLike("42601")), "internal", False),
         (redis.exceptions.ConnectionError("gone"), "unavailable", True),
+        (redis.exceptions.TimeoutError("Timeout reading from socket"), "unavailable", True),
         (ConnectionRefusedError(111, "refused"), "unavailable", True),
         (TimeoutError(), "timeout", False),
         (KeyError("bug"), "internal", False),
@@ -112,6 +117,45 @@ def test_a_lost_connection_is_transient_whatever_its_sqlstate() -> None:
     error = _dbapi(_AsyncpgLike("XX000"))
     error.connection_invalidated = True
     assert classify(error).code == "unavailable"
+
+
+def test_backoff_is_jittered_exponential_and_capped() -> None:
+    from worker.errors import Backoff
+
+    backoff = Backoff(base_s=0.1, cap_s=0.5)
+    for failures, ceiling in [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.5), (30, 0.5)]:
+        delays = [backoff.delay(failures) for _ in range(200)]
+        assert all(0 <= delay <= ceiling for delay in delays)
+        assert max(delays) > ceiling / 2  # spread over the range, not a constant
+        assert len(set(delays)) > 100
+
+
+async def test_retry_transient_retries_only_transient_errors_and_only_so_often() -> None:
+    from worker.errors import Backoff, retry_transient
+
+    calls: list[str] = []
+
+    def flaky(failures: int, error: Exception) -> Any:
+        async def action() -> str:
+            calls.append("call")
+            if len(calls) <= failures:
+                raise error
+            return "done"
+
+        return action
+
+    fast = Backoff(base_s=0.001, cap_s=0.001)
+    transient = redis.exceptions.ConnectionError("Connection closed by server.")
+    assert await retry_transient(flaky(2, transient), attempts=3, backoff=fast, what="t") == "done"
+    assert len(calls) == 3
+    calls.clear()
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await retry_transient(flaky(5, transient), attempts=3, backoff=fast, what="t")
+    assert len(calls) == 3
+    calls.clear()
+    with pytest.raises(KeyError):  # permanent: raised at once
+        await retry_transient(flaky(5, KeyError("bug")), attempts=3, backoff=fast, what="t")
+    assert len(calls) == 1
 
 
 def test_every_reply_code_has_exactly_one_class() -> None:
