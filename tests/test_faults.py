@@ -31,6 +31,7 @@ pytestmark = pytest.mark.slow
 
 GROUP = "update-workers"
 TOTALS = 10
+FAULT_JOBS = int(os.environ.get("FAULT_JOBS", "3000"))
 fault_metadata = sa.MetaData()
 hits = sa.Table(
     "hits",
@@ -251,11 +252,12 @@ async def measure(figures: Figures, engine: AsyncEngine, redis: Redis, prefix: s
     figures.dead_letters = int(await redis.xlen(f"{prefix}:dead"))
 
 
+@pytest.mark.timeout(120 + FAULT_JOBS // 25)
 async def test_sigkill_redis_crash_and_backend_kills_lose_nothing_and_double_nothing(
     fault_db: AsyncEngine, database_url: str, backend: str, private_redis: PrivateRedis,
     prefix: str, tmp_path: Path,
 ) -> None:  # fmt: skip
-    jobs = int(os.environ.get("FAULT_JOBS", "3000"))
+    jobs = FAULT_JOBS
     await prepare(fault_db, jobs)
     figures = Figures(backend=backend, jobs=jobs)
     started = time.monotonic()
@@ -282,7 +284,7 @@ async def test_sigkill_redis_crash_and_backend_kills_lose_nothing_and_double_not
                 figures.backend_terminations += await terminate_backends(fault_db)
         await producing
         async with Redis.from_url(private_redis.url) as redis:
-            await settle(redis, prefix, jobs, timeout=180)
+            await settle(redis, prefix, jobs, timeout=60 + jobs / 50)
             figures.idle_in_transaction = await idle_in_transaction(fault_db, backend)
             figures.exit_codes = await workers.terminate()
             await measure(figures, fault_db, redis, prefix)

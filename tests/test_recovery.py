@@ -127,7 +127,7 @@ async def test_renewal_keeps_own_entries_and_never_steals_back(redis: Redis, pre
     await redis.xreadgroup(GROUP, "me", {stream: ">"}, count=1)
     await redis.xreadgroup(GROUP, "other", {stream: ">"}, count=1)
     await asyncio.sleep(0.2)  # let both entries age, so a renewal shows as a reset idle time
-    assert await transport.renew([mine, theirs]) == 1
+    assert await transport.renew([mine, theirs, "0-1"]) == [theirs]  # 0-1: answered already
     by_id = {text(row["message_id"]): row for row in await pending_rows(redis, stream)}
     assert by_id[mine]["consumer"] == b"me"
     assert by_id[mine]["time_since_delivered"] < 150

@@ -68,19 +68,15 @@ class Recovery:
         """Renew the claims on ``running()`` entries every third of the idle time; never returns."""
         while True:
             await asyncio.sleep(self.claim_idle_ms / 3000)
-            entry_ids = running()
             try:
-                owned = await self.transport.renew(entry_ids)
+                lost = await self.transport.renew(running())
             except Exception as error:  # noqa: BLE001 - renewal is retried on the next tick
                 log.warning("renewing claims failed: %s", classify(error).message)
                 continue
-            if owned < len(entry_ids):
+            if lost:
                 # This worker stalled past claim_idle_ms and others took over; the ledger
                 # still lets only one of the runs take effect.
-                log.warning(
-                    "%d running entr(y/ies) were claimed by other workers",
-                    len(entry_ids) - owned,
-                )
+                log.warning("running entries claimed by other workers: %s", ", ".join(lost))
 
     # -- giving up -----------------------------------------------------------------------------
 

@@ -68,17 +68,21 @@ class Claim:
 
 # Resets the idle time of the given entries, but only of those this consumer still owns: a
 # worker whose claim lapsed (a long stall) must not steal an entry back from its new owner.
-# XCLAIM ... JUSTID leaves the delivery count alone.
+# XCLAIM ... JUSTID leaves the delivery count alone. Returns the ids another consumer owns now;
+# ids no longer pending at all were simply answered in the meantime.
 _RENEW_SCRIPT: Final = """
-local renewed = 0
+local lost = {}
 for i = 3, #ARGV do
-  local owned = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
-  if #owned > 0 then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
-    renewed = renewed + 1
+  local entry = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #entry > 0 then
+    if entry[1][2] == ARGV[2] then
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    else
+      table.insert(lost, ARGV[i])
+    end
   end
 end
-return renewed
+return lost
 """
 
 
@@ -172,16 +176,20 @@ class Transport:
             found = await pipe.execute()
         return {_text(row[0]["message_id"]): int(row[0]["times_delivered"]) for row in found if row}
 
-    async def renew(self, entry_ids: list[str]) -> int:
-        """Reset the idle time of entries this consumer is still running; how many it owns."""
+    async def renew(self, entry_ids: list[str]) -> list[str]:
+        """Reset the idle time of entries this consumer is still running.
+
+        Returns the ids another consumer has claimed meanwhile.
+        """
         if not entry_ids:
-            return 0
+            return []
         keys, args = [self.names.stream], [self._group, self._consumer, *entry_ids]
         try:
-            return int(await self._renew(keys=keys, args=args))
+            lost = await self._renew(keys=keys, args=args)
         except ResponseError as error:
             await self._recreate_group(error)
-            return 0
+            return []
+        return [_text(entry_id) for entry_id in lost]
 
     async def _recreate_group(self, error: ResponseError) -> None:
         if "NOGROUP" not in str(error):
