@@ -193,21 +193,21 @@ def worker_env(database_url: str, redis_url: str, prefix: str, **extra: str) -> 
 
 
 async def terminate_backends(engine: AsyncEngine) -> int:
-    async with engine.connect() as connection:
-        killed = await connection.execute(sa.text(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        ))  # fmt: skip
-        return int(killed.scalar_one())
+    return await _count(engine, "count(pg_terminate_backend(pid))")
 
 
 async def idle_in_transaction(engine: AsyncEngine, backend: str) -> int:
     if backend != "postgresql":
         return 0
+    return await _count(engine, "count(*)", "AND state LIKE 'idle in transaction%'")
+
+
+async def _count(engine: AsyncEngine, what: str, condition: str = "") -> int:
+    """``what`` over the other sessions of this test's database (test-only, fixed SQL)."""
     async with engine.connect() as connection:
         found = await connection.execute(sa.text(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()"
+            f"SELECT {what} FROM pg_stat_activity "  # noqa: S608 - literals from this module
+            f"WHERE datname = current_database() AND pid <> pg_backend_pid() {condition}"
         ))  # fmt: skip
         return int(found.scalar_one())
 
