@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.tables import seed_all
-from worker.executor import create_engine
+from worker.engine import create_engine
 from worker.service import Worker, open_worker
 from worker.settings import Settings, load_settings
 

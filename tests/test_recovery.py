@@ -18,12 +18,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tests.conftest import REDIS_URL, WorkerFactory, eventually
 from tests.tables import items
 from tests.test_service import text
+from worker.engine import Timeouts, create_engine
 from worker.errors import Unavailable
-from worker.executor import Timeouts, create_engine
 from worker.jobs import Reply
 from worker.service import open_worker
 from worker.settings import Settings
-from worker.transport import Names, Transport, connect
+from worker.streams import Names
+from worker.transport import Transport, connect
 
 GROUP = "update-workers"
 

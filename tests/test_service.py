@@ -16,7 +16,8 @@ from tests.conftest import REDIS_URL, WorkerFactory
 from tests.model_app import FIXED_NOW, Base
 from worker.client import UpdateClient
 from worker.jobs import Reply
-from worker.transport import Names, Transport, connect
+from worker.streams import Names
+from worker.transport import Transport, connect
 
 
 def text(value: bytes | str) -> str:

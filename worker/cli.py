@@ -20,8 +20,8 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from worker.client import UpdateClient
+from worker.engine import create_engine
 from worker.errors import SettingsError, classify
-from worker.executor import create_engine
 from worker.jobs import job_json_schema
 from worker.settings import Settings, field_infos, flag_name, load_settings, mask_url
 from worker.transport import connect

@@ -23,7 +23,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from worker.jobs import Reply
-from worker.transport import Names
+from worker.streams import Names
 
 _POLL_START_S = 0.01
 _POLL_MAX_S = 0.5

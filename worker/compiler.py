@@ -45,6 +45,9 @@ class Statement:
     update: sa.Update
     returns_rows: bool
     guards: Guards
+    #: ``(table, *primary key values)`` when the statement touches one row by its key: the
+    #: order in which group commits take row locks, so concurrent groups never deadlock.
+    row: tuple[Any, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +84,13 @@ def compile_update(spec: UpdateSpec, schema: Schema) -> Statement:
         values[column] = column + coerce(column, amount)
 
     guards = _guards(spec)
+    row: tuple[Any, ...] | None = None
     if spec.key is not None:
-        condition: ColumnElement[bool] | None = _key_condition(spec.key, rules)
+        key = _key_values(spec.key, rules)
+        condition: ColumnElement[bool] | None = sa.and_(
+            *(rules.column(name) == value for name, value in key.items())
+        )
+        row = (spec.table, *(key[name] for name in rules.primary_key))
         guards = Guards(guards.rows, guards.min_rows, min(guards.max_rows or 1, 1))
     elif spec.where is not None:
         condition = _condition(spec.where, rules)
@@ -100,7 +108,11 @@ def compile_update(spec: UpdateSpec, schema: Schema) -> Statement:
     if spec.returning:
         update = update.returning(*(rules.column(name) for name in spec.returning))
     return Statement(
-        table=spec.table, update=update, returns_rows=bool(spec.returning), guards=guards
+        table=spec.table,
+        update=update,
+        returns_rows=bool(spec.returning),
+        guards=guards,
+        row=row,
     )
 
 
@@ -111,19 +123,19 @@ def _guards(spec: UpdateSpec) -> Guards:
     return Guards(rows=expect.rows, min_rows=expect.min_rows, max_rows=expect.max_rows)
 
 
-def _key_condition(key: dict[str, Any], rules: TableRules) -> ColumnElement[bool]:
+def _key_values(key: dict[str, Any], rules: TableRules) -> dict[str, Any]:
+    """The key's values, coerced to the columns' types."""
     if set(key) != set(rules.primary_key):
         expected = ", ".join(rules.primary_key) or "(none: the table has no primary key)"
         raise InvalidJob(
             f"`key` must name the whole primary key of `{rules.table.name}`: {expected}"
         )
-    parts = []
+    values = {}
     for name, value in key.items():
         if value is None:
             raise InvalidJob(f"`key` value for `{name}` cannot be null")
-        column = rules.column(name)
-        parts.append(column == coerce(column, value))
-    return sa.and_(*parts)
+        values[name] = coerce(rules.column(name), value)
+    return values
 
 
 def _condition(node: Filter, rules: TableRules) -> ColumnElement[bool]:

@@ -10,22 +10,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import event
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
-    create_async_engine,
 )
 
 from worker import ledger
 from worker.compiler import Plan, Statement
+from worker.engine import WRITES
 from worker.errors import (
     DATABASE_BACKOFF,
     Backoff,
@@ -39,9 +38,6 @@ from worker.jobs import Job, Reply, UpdateResult
 from worker.values import to_json
 
 log = logging.getLogger(__name__)
-
-#: Execution option marking the executor's connections, whose SQLite transactions write.
-_WRITES = "update_worker_writes"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +77,7 @@ class Executor:
         backoff: Backoff = DATABASE_BACKOFF,
     ) -> None:
         self._sessions = async_sessionmaker(
-            engine.execution_options(**{_WRITES: True}), expire_on_commit=False, autoflush=False
+            engine.execution_options(**{WRITES: True}), expire_on_commit=False, autoflush=False
         )
         self._worker = worker
         self._max_attempts = max_attempts
@@ -159,11 +155,13 @@ class Executor:
         return reply
 
     async def _stored(self, attempt: _Attempt) -> Reply | None:
-        job = attempt.job
         async with self._session() as session:
-            entry = await ledger.lookup(session, job.id)
-        if entry is None:
-            return None
+            entry = await ledger.lookup(session, attempt.job.id)
+        return None if entry is None else self._replayed(attempt, entry)
+
+    def _replayed(self, attempt: _Attempt, entry: ledger.Entry) -> Reply:
+        """The recorded reply, marked as a replay; ``id_conflict`` if the payload differs."""
+        job = attempt.job
         if entry.payload_hash != job.payload_hash:
             return attempt.failure(
                 IdConflict(f"id {job.id!r} was already used for a different job")
@@ -172,6 +170,57 @@ class Executor:
         return stored.model_copy(
             update={"replayed": True, "attempts": attempt.number, "worker": self._worker}
         )
+
+    # -- group commit ---------------------------------------------------------------------------
+
+    async def execute_group(self, items: Sequence[tuple[Job, Plan]]) -> list[Reply]:
+        """Apply many single-row jobs (see :func:`groupable`) in one transaction.
+
+        Row locks are taken in key order, so concurrent groups never wait on each other in a
+        cycle. Ids already in the ledger are replayed, and an id repeated within the group
+        replays its first copy. If anything goes wrong inside (a guard, a bad value, a
+        deadlock, an id another worker is recording right now), the whole group rolls back
+        and each job runs alone: one bad job never fails its neighbours.
+        """
+        started = time.perf_counter()
+        try:
+            return await self._commit_group(items, started)
+        except WorkerError as error:
+            log.info("group of %d rolled back (%s); one job at a time", len(items), error.message)
+        return [await self.execute(job, plan) for job, plan in items]
+
+    async def _commit_group(self, items: Sequence[tuple[Job, Plan]], started: float) -> list[Reply]:
+        first: dict[str, int] = {}  # id -> index of its first copy in the group
+        for index, (job, _) in enumerate(items):
+            first.setdefault(job.id, index)
+        attempts = [
+            _Attempt(job=job, number=1, started=started, worker=self._worker) for job, _ in items
+        ]
+        made: dict[str, Reply] = {}
+        recorded: dict[str, ledger.Entry] = {}
+        async with self._session() as session:
+            finished = await ledger.lookup_many(session, list(first))
+            for index in sorted(first.values(), key=lambda index: _row(items[index][1])):
+                job, plan = items[index]
+                if job.id in finished:
+                    continue
+                statement = plan.statements[0]
+                result = await self._run(session, statement, label=statement.table)
+                made[job.id] = attempts[index].reply(status="ok", **_outcome(job, [result]))
+                stored = made[job.id].model_dump_json(exclude_none=True)
+                recorded[job.id] = ledger.Entry(payload_hash=job.payload_hash, reply=stored)
+            rows = [(job_id, entry.payload_hash, entry.reply) for job_id, entry in recorded.items()]
+            if await ledger.record_many(session, rows) != len(rows):
+                raise Unavailable(
+                    "another delivery recorded one of these ids first", reason="ledger_race"
+                )
+            await session.commit()
+        return [
+            made[job.id]
+            if job.id in made and first[job.id] == index
+            else self._replayed(attempts[index], finished.get(job.id) or recorded[job.id])
+            for index, (job, _) in enumerate(items)
+        ]
 
     async def _run(
         self, session: AsyncSession, statement: Statement, *, label: str
@@ -207,6 +256,17 @@ async def _record_reply(session: AsyncSession, job: Job, reply: Reply) -> bool:
     return await ledger.record(session, job_id=job.id, payload_hash=job.payload_hash, reply=stored)
 
 
+def groupable(job: Job, plan: Plan) -> bool:
+    """Whether a job may share a transaction with others: one row, by key, for real."""
+    return not job.dry_run and len(plan.statements) == 1 and plan.statements[0].row is not None
+
+
+def _row(plan: Plan) -> tuple[Any, ...]:
+    row = plan.statements[0].row
+    assert row is not None, "only groupable plans are grouped"  # noqa: S101 - an invariant
+    return row
+
+
 def _label(job: Job, index: int, statement: Statement) -> str:
     return f"updates[{index}] ({statement.table})" if job.batch else statement.table
 
@@ -215,63 +275,3 @@ def _outcome(job: Job, results: list[UpdateResult]) -> dict[str, Any]:
     if job.batch:
         return {"rowcount": sum(result.rowcount for result in results), "results": results}
     return {"rowcount": results[0].rowcount, "returning": results[0].returning}
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    """Per-connection limits, so no transaction waits or idles forever. 0 turns one off."""
-
-    statement_ms: int = 30_000
-    lock_ms: int = 5_000
-    idle_in_transaction_ms: int = 60_000
-
-
-def create_engine(
-    database_url: str, *, pool_size: int, timeouts: Timeouts | None = None
-) -> AsyncEngine:
-    """The engine for ``database_url``, tuned for short write transactions.
-
-    No ``pool_pre_ping``: it would double the round trips of every job. A dropped connection
-    instead surfaces as a disconnect, which invalidates the whole pool and which
-    :func:`classify` treats as transient, so the job is retried on a fresh connection.
-    """
-    timeouts = timeouts or Timeouts()
-    connect_args: dict[str, Any] = {}
-    if database_url.startswith("postgresql"):
-        # Sent in the startup packet: no extra round trip, and they hold for every transaction.
-        connect_args["server_settings"] = {
-            "statement_timeout": str(timeouts.statement_ms),
-            "lock_timeout": str(timeouts.lock_ms),
-            "idle_in_transaction_session_timeout": str(timeouts.idle_in_transaction_ms),
-        }
-    engine = create_async_engine(
-        database_url, pool_size=pool_size, max_overflow=2, connect_args=connect_args
-    )
-    if engine.dialect.name == "sqlite":
-        _tune_sqlite(engine, busy_timeout_ms=timeouts.lock_ms)
-    return engine
-
-
-def _tune_sqlite(engine: AsyncEngine, *, busy_timeout_ms: int) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
-    def on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Take transaction control away from the driver so BEGIN IMMEDIATE below is ours.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        for pragma in (
-            "PRAGMA journal_mode=WAL",
-            f"PRAGMA busy_timeout={int(busy_timeout_ms)}",
-            "PRAGMA foreign_keys=ON",
-            # PostgreSQL's LIKE is case-sensitive; SQLite's is not by default. Same job, same rows.
-            "PRAGMA case_sensitive_like=ON",
-        ):
-            cursor.execute(pragma)
-        cursor.close()
-
-    @event.listens_for(engine.sync_engine, "begin")
-    def on_begin(connection: Any) -> None:
-        # Jobs take the write lock up front: a deferred transaction that upgrades later can
-        # fail with SQLITE_BUSY at once, without waiting out busy_timeout. Everything else
-        # (start-up reflection, checks) only reads, so it must not queue behind writers.
-        writes = connection.get_execution_options().get(_WRITES, False)
-        connection.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")

@@ -50,6 +50,36 @@ async def record(session: AsyncSession, *, job_id: str, payload_hash: str, reply
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
+async def record_many(session: AsyncSession, rows: list[tuple[str, str, str]]) -> int:
+    """Insert ``(job_id, payload_hash, reply)`` rows in one statement; how many went in.
+
+    Fewer than ``len(rows)`` means another transaction recorded one of the ids first.
+    """
+    if not rows:
+        return 0
+    finished_at = _now()
+    insert = _insert_once(session.get_bind().dialect.name).returning(ledger.c.job_id)
+    params = [
+        {"job_id": job_id, "payload_hash": payload_hash, "reply": reply, "finished_at": finished_at}
+        for job_id, payload_hash, reply in rows
+    ]
+    inserted = await session.execute(insert.values(params))
+    return len(inserted.all())
+
+
+async def lookup_many(session: AsyncSession, job_ids: list[str]) -> dict[str, Entry]:
+    """The ledger rows of those ids that have one."""
+    if not job_ids:
+        return {}
+    statement = sa.select(ledger.c.job_id, ledger.c.payload_hash, ledger.c.reply).where(
+        ledger.c.job_id.in_(job_ids)
+    )
+    return {
+        row.job_id: Entry(payload_hash=row.payload_hash, reply=row.reply)
+        for row in await session.execute(statement)
+    }
+
+
 async def lookup(session: AsyncSession, job_id: str) -> Entry | None:
     statement = sa.select(ledger.c.payload_hash, ledger.c.reply).where(ledger.c.job_id == job_id)
     row = (await session.execute(statement)).one_or_none()

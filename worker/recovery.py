@@ -22,7 +22,8 @@ from pydantic import ValidationError
 from worker.errors import InternalError, Unavailable, WorkerError, classify
 from worker.executor import Executor
 from worker.jobs import Job, Reply
-from worker.transport import Entry, Transport
+from worker.streams import Entry
+from worker.transport import Transport
 
 log = logging.getLogger(__name__)
 

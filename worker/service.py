@@ -14,14 +14,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from worker.compiler import compile_job
+from worker.engine import Timeouts, create_engine
 from worker.errors import WorkerError, classify
-from worker.executor import Executor, Timeouts, create_engine
+from worker.executor import Executor
 from worker.jobs import Rejection, Reply, parse_entry
 from worker.ledger import ensure_ledger
 from worker.recovery import Recovery
 from worker.schema import Schema, build_schema, load_models, reflect_schema
 from worker.settings import Settings, mask_url
-from worker.transport import Entry, Names, Transport, connect
+from worker.streams import Entry, Names
+from worker.transport import Transport, connect
 
 log = logging.getLogger(__name__)
 
@@ -126,15 +128,21 @@ class Worker:
     async def _read(
         self, stop: asyncio.Event, *, count: int, block_ms: int | None
     ) -> list[Entry] | None:
-        """The next entries, [] on a passing Redis fault, or None once ``stop`` is set."""
+        """The next entries, [] on a passing Redis fault, or None once stopped with nothing.
+
+        A stop does not cancel a read under way: Redis may already have handed it entries,
+        which would then sit pending until a claim. It is awaited (at most its BLOCK time)
+        and what it brings is served within the grace period.
+        """
         read = asyncio.ensure_future(self.transport.read(count=count, block_ms=block_ms))
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait({read, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
         if not read.done():
-            # Entries Redis delivered to a cancelled read stay pending and are claimed later.
-            read.cancel()
-            return None
+            done, _ = await asyncio.wait({read}, timeout=(block_ms or 0) / 1000 + 1)
+            if not done:
+                read.cancel()  # whatever it was handed stays pending, for a claim
+                return None
         try:
             return read.result()
         except Exception as error:  # noqa: BLE001 - classified and logged, then retried

@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 from redis.asyncio import Redis
@@ -19,51 +18,13 @@ from redis.exceptions import ResponseError
 
 from worker.errors import REDIS_BACKOFF, retry_transient
 from worker.jobs import Reply
+from worker.streams import Claim, Entry, Names
 
 log = logging.getLogger(__name__)
 
 #: Extra socket time beyond a blocking read's own BLOCK, so the read returns before the socket
 #: times out: redis-py 8 defaults to a 5 s socket timeout, shorter than a long BLOCK.
 _SOCKET_MARGIN_S: Final = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class Names:
-    """Every Redis name derives from one prefix; ``{updates}`` keeps a cluster in one slot."""
-
-    prefix: str = "updates"
-
-    @property
-    def stream(self) -> str:
-        return f"{self.prefix}:jobs"
-
-    @property
-    def dead(self) -> str:
-        return f"{self.prefix}:dead"
-
-    @property
-    def replies(self) -> str:
-        return f"{self.prefix}:replies"
-
-    def result(self, job_id: str) -> str:
-        return f"{self.prefix}:result:{job_id}"
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    id: str
-    fields: Mapping[bytes, bytes]
-    #: How many times the group has handed this entry out, this time included.
-    deliveries: int = 1
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """What one XAUTOCLAIM took over from consumers that went quiet."""
-
-    entries: list[Entry]
-    #: Pending ids whose stream data was trimmed or deleted; Redis dropped them from the group.
-    deleted: list[str]
 
 
 # Resets the idle time of the given entries, but only of those this consumer still owns: a
@@ -207,15 +168,31 @@ class Transport:
         self, entry_id: str, reply: Reply, *, channel: str | None, ack: bool = True
     ) -> None:
         """Store the reply under its result key, publish it, and (when final) ack the entry."""
-        data = reply.encode()
+        await self.reply_many([(entry_id, reply, channel)], ack=ack)
+
+    async def reply_many(
+        self, answers: Sequence[tuple[str, Reply, str | None]], *, ack: bool | None = None
+    ) -> None:
+        """Store and publish ``(entry_id, reply, channel)`` answers, and ack the entries of
+        final replies, in one MULTI: a whole group costs one round trip.
+
+        ``ack=None`` acks exactly the final replies; ``ack=False`` acks none.
+        """
+        if not answers:
+            return
 
         def commands(pipe: Pipeline) -> None:
-            pipe.set(self.names.result(reply.id), data, ex=self._result_ttl)
-            pipe.publish(channel or self.names.replies, data)
-            if ack:
-                self._ack(pipe, entry_id)
+            done = []
+            for entry_id, reply, channel in answers:
+                data = reply.encode()
+                pipe.set(self.names.result(reply.id), data, ex=self._result_ttl)
+                pipe.publish(channel or self.names.replies, data)
+                if ack is not False and (ack or reply.final):
+                    done.append(entry_id)
+            if done:
+                self._ack(pipe, *done)
 
-        await self._write(commands, what=f"reply to {reply.id}")
+        await self._write(commands, what=f"{len(answers)} repl(y/ies), {answers[0][1].id} first")
 
     async def dead_letter(
         self,
@@ -283,11 +260,11 @@ class Transport:
             "failed_at_ms": int(time.time() * 1000),
         }
 
-    def _ack(self, pipe: Pipeline, entry_id: str) -> None:
+    def _ack(self, pipe: Pipeline, *entry_ids: str) -> None:
         # XDEL after XACK keeps the stream from growing forever: this group owns the stream, so
         # once an entry is answered nobody needs it. XLEN is then the backlog plus pending.
-        pipe.xack(self.names.stream, self._group, entry_id)
-        pipe.xdel(self.names.stream, entry_id)
+        pipe.xack(self.names.stream, self._group, *entry_ids)
+        pipe.xdel(self.names.stream, *entry_ids)
 
     async def aclose(self) -> None:
         await self.redis.aclose()
