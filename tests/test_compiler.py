@@ -41,7 +41,7 @@ def compiled(
 ) -> tuple[str, dict[str, Any]]:
     (statement,) = compile_job(job(document), schema(**narrowing)).statements
     result = statement.update.compile(dialect=dialect)
-    return str(result), dict(result.params)
+    return str(result), {**result.params, **statement.params}  # a cached statement binds late
 
 
 def refused(document: dict[str, Any], **narrowing: Any) -> WorkerError:
@@ -197,3 +197,18 @@ def test_a_batch_error_names_the_failing_update() -> None:
 def test_bad_narrowing_settings_name_the_variable(narrowing: dict[str, Any], variable: str) -> None:
     with pytest.raises(Exception, match=variable):
         schema(**narrowing)
+
+
+def test_jobs_of_one_shape_share_one_statement_and_differ_only_in_parameters() -> None:
+    allowed = schema()
+    first, second = (
+        compile_job(
+            job({"table": "items", "key": {"id": n}, "inc": {"qty": n}, "set": {"tag": f"t{n}"}}),
+            allowed,
+        ).statements[0]
+        for n in (1, 2)
+    )
+    assert first.update is second.update  # built once per shape, compiled once by SQLAlchemy
+    assert first.params == {"s0": "t1", "i0": 1, "k0": 1}
+    assert second.params == {"s0": "t2", "i0": 2, "k0": 2}
+    assert (first.row, second.row) == (("items", 1), ("items", 2))

@@ -7,7 +7,9 @@ column's type.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
@@ -48,6 +50,8 @@ class Statement:
     #: ``(table, *primary key values)`` when the statement touches one row by its key: the
     #: order in which group commits take row locks, so concurrent groups never deadlock.
     row: tuple[Any, ...] | None = None
+    #: Values for the statement's bound parameters (a cached, shared statement needs them).
+    params: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,29 +75,40 @@ def compile_job(job: Job, schema: Schema) -> Plan:
 
 def compile_update(spec: UpdateSpec, schema: Schema) -> Statement:
     rules = schema.rules(spec.table)
-    values: dict[sa.Column[Any], Any] = {}
-    for name, value in spec.values.items():
-        column = rules.writable_column(name)
-        values[column] = coerce(column, value)
+    sets = {name: coerce(rules.writable_column(name), value) for name, value in spec.values.items()}
+    incs = {}
     for name, amount in spec.inc.items():
         column = rules.writable_column(name)
         if not _is_numeric(column):
             raise InvalidJob(
                 f"`inc` needs a numeric column; `{spec.table}.{name}` is {column.type}"
             )
-        values[column] = column + coerce(column, amount)
+        incs[name] = coerce(column, amount)
+    returning = tuple(spec.returning or ())
+    for name in returning:
+        rules.column(name)
 
     guards = _guards(spec)
-    row: tuple[Any, ...] | None = None
     if spec.key is not None:
         key = _key_values(spec.key, rules)
-        condition: ColumnElement[bool] | None = sa.and_(
-            *(rules.column(name) == value for name, value in key.items())
+        keys = rules.primary_key
+        shape = (tuple(sorted(sets)), tuple(sorted(incs)), keys, returning)
+        params = {
+            **{f"s{index}": sets[name] for index, name in enumerate(shape[0])},
+            **{f"i{index}": incs[name] for index, name in enumerate(shape[1])},
+            **{f"k{index}": key[name] for index, name in enumerate(keys)},
+        }
+        return Statement(
+            table=spec.table,
+            update=_by_key(rules.table, *shape),
+            returns_rows=bool(returning),
+            guards=Guards(guards.rows, guards.min_rows, min(guards.max_rows or 1, 1)),
+            row=(spec.table, *(key[name] for name in keys)),
+            params=params,
         )
-        row = (spec.table, *(key[name] for name in rules.primary_key))
-        guards = Guards(guards.rows, guards.min_rows, min(guards.max_rows or 1, 1))
-    elif spec.where is not None:
-        condition = _condition(spec.where, rules)
+
+    if spec.where is not None:
+        condition: ColumnElement[bool] | None = _condition(spec.where, rules)
     elif spec.all_rows:
         condition = None
     else:
@@ -101,19 +116,44 @@ def compile_update(spec: UpdateSpec, schema: Schema) -> Statement:
             f"an update of `{spec.table}` needs `where` or `key`; "
             'send "all": true to update every row on purpose'
         )
-
+    values: dict[sa.Column[Any], Any] = {rules.column(name): value for name, value in sets.items()}
+    for name, amount in incs.items():
+        column = rules.column(name)
+        values[column] = column + amount
     update = sa.update(rules.table).values(values)
     if condition is not None:
         update = update.where(condition)
-    if spec.returning:
-        update = update.returning(*(rules.column(name) for name in spec.returning))
-    return Statement(
-        table=spec.table,
-        update=update,
-        returns_rows=bool(spec.returning),
-        guards=guards,
-        row=row,
-    )
+    if returning:
+        update = update.returning(*(rules.column(name) for name in returning))
+    return Statement(table=spec.table, update=update, returns_rows=bool(returning), guards=guards)
+
+
+@functools.lru_cache(maxsize=4096)
+def _by_key(
+    table: sa.Table,
+    sets: tuple[str, ...],
+    incs: tuple[str, ...],
+    keys: tuple[str, ...],
+    returning: tuple[str, ...],
+) -> sa.Update:
+    """The UPDATE of one row by key for one shape of job, built once: its values are bound
+    parameters (``s0``, ``i0``, ``k0``, ...), so every job of that shape reuses the statement
+    and SQLAlchemy's compiled form of it."""
+    columns = {column.name: column for column in table.columns}
+    values: dict[sa.Column[Any], Any] = {
+        columns[name]: sa.bindparam(f"s{index}", type_=columns[name].type)
+        for index, name in enumerate(sets)
+    }
+    for index, name in enumerate(incs):
+        values[columns[name]] = columns[name] + sa.bindparam(f"i{index}", type_=columns[name].type)
+    condition = sa.and_(
+        *(columns[name] == sa.bindparam(f"k{index}", type_=columns[name].type)
+          for index, name in enumerate(keys))
+    )  # fmt: skip
+    update = sa.update(table).values(values).where(condition)
+    if returning:
+        update = update.returning(*(columns[name] for name in returning))
+    return update
 
 
 def _guards(spec: UpdateSpec) -> Guards:

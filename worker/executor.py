@@ -225,7 +225,9 @@ class Executor:
     async def _run(
         self, session: AsyncSession, statement: Statement, *, label: str
     ) -> UpdateResult:
-        result = cast(CursorResult[Any], await session.execute(statement.update))
+        result = cast(
+            CursorResult[Any], await session.execute(statement.update, statement.params or None)
+        )
         if statement.returns_rows:
             rows = result.mappings().all()
             rowcount = len(rows)

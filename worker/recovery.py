@@ -34,7 +34,6 @@ class Recovery:
     executor: Executor
     worker: str
     claim_idle_ms: int
-    max_deliveries: int
     _next_claim: float = field(default=0.0, init=False)
 
     # -- claiming what others left -------------------------------------------------------------
@@ -80,9 +79,6 @@ class Recovery:
                 log.warning("running entries claimed by other workers: %s", ", ".join(lost))
 
     # -- giving up -----------------------------------------------------------------------------
-
-    def exhausted(self, entry: Entry) -> bool:
-        return entry.deliveries > self.max_deliveries
 
     async def give_up(self, entry: Entry, job: Job) -> None:
         """Answer an entry delivered too often without running it again."""

@@ -7,23 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from worker.compiler import compile_job
+from worker.compiler import Plan
 from worker.engine import Timeouts, create_engine
-from worker.errors import WorkerError, classify
+from worker.errors import classify
 from worker.executor import Executor
-from worker.jobs import Rejection, Reply, parse_entry
+from worker.jobs import Job, Rejection, Reply
 from worker.ledger import ensure_ledger
 from worker.recovery import Recovery
 from worker.schema import Schema, build_schema, load_models, reflect_schema
 from worker.settings import Settings, mask_url
 from worker.streams import Entry, Names
 from worker.transport import Transport, connect
+from worker.units import Pace, Work, prepare, units
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ class Worker:
     executor: Executor
     schema: Schema
     recovery: Recovery
+    pace: Pace
 
     async def run(self, stop: asyncio.Event | None = None, *, burst: bool = False) -> None:
         """Serve jobs until ``stop`` is set; with ``burst``, until the stream has nothing new.
@@ -45,62 +48,81 @@ class Worker:
         pending in the group, for any worker to claim.
         """
         stop = stop or asyncio.Event()
-        in_flight: dict[str, asyncio.Task[None]] = {}
+        in_flight: dict[str, asyncio.Task[None]] = {}  # entry id -> the task answering it
+        tasks: set[asyncio.Task[None]] = set()
+        slots = asyncio.Semaphore(self.settings.concurrency)  # transactions at once
         renewing = asyncio.create_task(self.recovery.keep_claims(lambda: list(in_flight)))
-        concurrency = self.settings.concurrency
         try:
             while not stop.is_set():
-                free = concurrency - len(in_flight)
-                if free <= 0:
-                    await asyncio.wait(in_flight.values(), return_when=asyncio.FIRST_COMPLETED)
+                # Read only when a transaction slot is free: what piled up meanwhile then
+                # fills whole groups, instead of trickling in one entry at a time.
+                free = self.settings.concurrency - len(tasks)
+                room = self.pace.window() - len(in_flight)
+                if free <= 0 or room <= 0:
+                    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     continue
-                entries = await self._next(
-                    stop, count=min(self.settings.batch_size, free), burst=burst
-                )
+                count = min(self.settings.batch_size, room)
+                entries = await self._next(stop, count=count, burst=burst)
                 if entries is None:
                     break
                 if not entries and burst:
-                    if not in_flight:
+                    if not tasks:
                         break
-                    await asyncio.wait(in_flight.values())
-                for entry in entries:
-                    if entry.id not in in_flight:  # claimed back while still running here
-                        in_flight[entry.id] = self._start(entry, in_flight)
+                    await asyncio.wait(tasks)
+                # An entry claimed back while still running here is not started twice.
+                works = [self._prepare(entry) for entry in entries if entry.id not in in_flight]
+                for unit in units(
+                    works, slots=self.settings.concurrency, group_size=self.settings.group_size
+                ):
+                    task = asyncio.create_task(self.handle(unit, slots))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                    in_flight.update(dict.fromkeys((work.entry.id for work in unit), task))
+                    task.add_done_callback(functools.partial(_forget, in_flight, unit))
         finally:
-            await self._drain(set(in_flight.values()))
+            await self._drain(tasks)
             renewing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewing
 
-    def _start(self, entry: Entry, in_flight: dict[str, asyncio.Task[None]]) -> asyncio.Task[None]:
-        task = asyncio.create_task(self.handle(entry), name=f"job {entry.id}")
-        task.add_done_callback(lambda _: in_flight.pop(entry.id, None))
-        return task
+    def _prepare(self, entry: Entry) -> Work:
+        settings = self.settings
+        return prepare(entry, schema=self.schema, max_job_bytes=settings.max_job_bytes,
+                       max_deliveries=settings.max_deliveries)  # fmt: skip
 
-    async def handle(self, entry: Entry) -> None:
-        """Answer one entry. Never raises: the loop must outlive any single job."""
+    async def handle(self, unit: list[Work], slots: asyncio.Semaphore) -> None:
+        """Answer a unit: one entry, or a group sharing a transaction. Never raises: the
+        loop must outlive any job; an entry left unanswered stays pending for a claim."""
         try:
-            await self._answer(entry)
+            if len(unit) == 1:
+                await self._answer(unit[0], slots)
+            else:
+                async with slots:
+                    replies = await self.executor.execute_group([_ready(work) for work in unit])
+                answers = zip(unit, replies, strict=True)
+                await self.transport.reply_many(
+                    [(work.entry.id, reply, work.job.reply_to) for work, reply in answers]
+                )
+            self.pace.finished(len(unit))
         except Exception:
-            log.exception("entry %s: not answered, left pending", entry.id)
+            log.exception(
+                "%d entr(y/ies) from %s: not answered, left pending", len(unit), unit[0].entry.id
+            )
 
-    async def _answer(self, entry: Entry) -> None:
-        parsed = parse_entry(
-            entry.fields, entry_id=entry.id, max_job_bytes=self.settings.max_job_bytes
-        )
-        if isinstance(parsed, Rejection):
-            await self._reject(entry, parsed)
+    async def _answer(self, work: Work, slots: asyncio.Semaphore) -> None:
+        entry, job = work.entry, work.job
+        if isinstance(job, Rejection):
+            await self._reject(entry, job)
             return
-        if self.recovery.exhausted(entry):
-            await self.recovery.give_up(entry, parsed)
-            return
-        try:
-            plan = compile_job(parsed, self.schema)
-        except WorkerError as error:
-            reply = await self.executor.reject(parsed, error)
-        else:
-            reply = await self.executor.execute(parsed, plan)
-        await self.transport.reply(entry.id, reply, channel=parsed.reply_to, ack=reply.final)
+        async with slots:
+            if work.exhausted:
+                await self.recovery.give_up(entry, job)
+                return
+            if work.error is not None:
+                reply = await self.executor.reject(job, work.error)
+            else:
+                reply = await self.executor.execute(*_ready(work))
+        await self.transport.reply(entry.id, reply, channel=job.reply_to, ack=reply.final)
         log.debug("job %s: %s rowcount=%d", reply.id, reply.status, reply.rowcount)
 
     async def _reject(self, entry: Entry, rejection: Rejection) -> None:
@@ -117,7 +139,9 @@ class Worker:
         """Entries others left behind when a claim is due, else new ones; None once stopped."""
         if self.recovery.until_claim_ms() == 0:
             try:
-                if claimed := await self.recovery.claim(count=count):
+                # Small bites: claimed entries were handed out before; finish them first.
+                bite = min(count, self.settings.concurrency)
+                if claimed := await self.recovery.claim(count=bite):
                     return claimed
             except Exception as error:  # noqa: BLE001 - classified and logged; claimed next time
                 log.warning("claiming idle entries failed (%s)", classify(error).message)
@@ -161,6 +185,18 @@ class Worker:
         if late:
             log.warning("%d job(s) unfinished after the grace period; left pending", len(late))
             await asyncio.wait(late)
+
+
+def _ready(work: Work) -> tuple[Job, Plan]:
+    assert isinstance(work.job, Job) and work.plan is not None  # noqa: PT018, S101 - compiled
+    return work.job, work.plan
+
+
+def _forget(
+    in_flight: dict[str, asyncio.Task[None]], unit: list[Work], _done: asyncio.Task[None]
+) -> None:
+    for work in unit:
+        in_flight.pop(work.entry.id, None)
 
 
 @contextlib.asynccontextmanager
@@ -212,7 +248,6 @@ async def open_worker(settings: Settings) -> AsyncIterator[Worker]:
             executor=executor,
             worker=settings.consumer,
             claim_idle_ms=settings.claim_idle_ms,
-            max_deliveries=settings.max_deliveries,
         )
         yield Worker(
             settings=settings,
@@ -220,6 +255,10 @@ async def open_worker(settings: Settings) -> AsyncIterator[Worker]:
             executor=executor,
             schema=schema,
             recovery=recovery,
+            pace=Pace(
+                floor=2 * settings.concurrency,
+                ceiling=settings.concurrency * settings.group_size,
+            ),
         )
     finally:
         await transport.aclose()

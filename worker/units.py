@@ -1,0 +1,84 @@
+"""Entries -> units of work, and how many entries a worker may hold at once. Pure, no I/O.
+
+A unit is what one task answers: a group of single-row jobs that share a transaction, or one
+entry on its own. The window of entries held is paced by the worker's own recent completion
+rate, so a crash hands back only about ``horizon_s`` of work, while a fast worker still keeps
+every transaction slot busy with full groups.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from worker.compiler import Plan, compile_job
+from worker.errors import WorkerError
+from worker.executor import groupable
+from worker.jobs import Job, Rejection, parse_entry
+from worker.schema import Schema
+from worker.streams import Entry
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """One entry, parsed and (when it parsed) compiled or refused."""
+
+    entry: Entry
+    job: Job | Rejection
+    plan: Plan | None = None
+    error: WorkerError | None = None
+    #: Delivered more than WORKER_MAX_DELIVERIES times: not to be run again.
+    exhausted: bool = False
+
+    @property
+    def groupable(self) -> bool:
+        job, plan = self.job, self.plan
+        return (
+            isinstance(job, Job)
+            and plan is not None
+            and not self.exhausted
+            and groupable(job, plan)
+        )
+
+
+def prepare(entry: Entry, *, schema: Schema, max_job_bytes: int, max_deliveries: int) -> Work:
+    """Parse and compile one entry."""
+    parsed = parse_entry(entry.fields, entry_id=entry.id, max_job_bytes=max_job_bytes)
+    exhausted = entry.deliveries > max_deliveries
+    if isinstance(parsed, Rejection) or exhausted:
+        return Work(entry, parsed, exhausted=exhausted)
+    try:
+        return Work(entry, parsed, plan=compile_job(parsed, schema))
+    except WorkerError as error:
+        return Work(entry, parsed, error=error)
+
+
+def units(works: list[Work], *, slots: int, group_size: int) -> list[list[Work]]:
+    """Single-row jobs in groups spread over ``slots`` transactions; the rest one by one."""
+    alone = [[work] for work in works if not work.groupable]
+    together = [work for work in works if work.groupable]
+    if not together:
+        return alone
+    size = min(group_size, -(-len(together) // slots))
+    return alone + [together[start : start + size] for start in range(0, len(together), size)]
+
+
+class Pace:
+    """How many entries to hold: what this worker finished in the last ``horizon_s``,
+    between ``floor`` and ``ceiling``."""
+
+    def __init__(self, *, floor: int, ceiling: int, horizon_s: float = 0.25) -> None:
+        self.floor, self.ceiling, self.horizon_s = floor, max(floor, ceiling), horizon_s
+        self._done: deque[tuple[float, int]] = deque()
+        self._recent = 0
+
+    def finished(self, count: int) -> None:
+        self._done.append((time.monotonic(), count))
+        self._recent += count
+
+    def window(self) -> int:
+        horizon = time.monotonic() - self.horizon_s
+        while self._done and self._done[0][0] < horizon:
+            self._recent -= self._done.popleft()[1]
+        return min(self.ceiling, max(self.floor, self._recent))
