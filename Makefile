@@ -32,9 +32,14 @@ test: lint services
 services:
 	@bash scripts/services.sh
 
-## bench: throughput and latency (see bench/README.md)
+## bench: update-worker and arq, SAQ, taskiq side by side (each anchor in .venv-bench-<name>)
 bench: $(STAMP) services
-	$(BIN)/python -m bench
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	@for anchor in arq saq taskiq; do \
+		test -x .venv-bench-$$anchor/bin/python || $(PYTHON) -m venv .venv-bench-$$anchor; \
+		.venv-bench-$$anchor/bin/pip install --quiet -e ".[bench-$$anchor]" || exit 1; \
+	done
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .venv-bench-* .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info

@@ -146,3 +146,33 @@ async def test_concurrent_groups_over_the_same_rows_never_deadlock(
         ("ok", False, 1)
     }
     assert sum(await quantities(engine)) == 40 + 8 * 25
+
+
+async def test_jobs_on_one_row_apply_in_the_order_they_came_whatever_their_shape(
+    engine: AsyncEngine, schema: Schema
+) -> None:
+    executor = Executor(engine, worker="g")
+    group = [
+        compiled(schema, inc("first", 1)),  # 10 -> 11
+        compiled(schema, {"id": "second", "table": "items", "key": {"id": 1}, "set": {"qty": 100}}),
+        compiled(schema, {**inc("third", 1), "inc": {"qty": 5}, "returning": ["qty", "name"]}),
+        compiled(schema, inc("elsewhere", 2, returning=["qty"])),
+    ]
+    replies = await executor.execute_group(group)
+    assert [reply.rowcount for reply in replies] == [1, 1, 1, 1]
+    assert replies[2].returning == [{"qty": 105, "name": "Apple"}]
+    assert replies[3].returning == [{"qty": 1}]
+    assert (await quantities(engine))[:2] == [105, 1]
+
+
+async def test_a_group_returns_what_one_job_at_a_time_returns(
+    engine: AsyncEngine, schema: Schema
+) -> None:
+    executor = Executor(engine, worker="g", max_returning=0)
+    alone = await executor.execute(*compiled(schema, inc("alone", 3, returning=["qty", "price"])))
+    [together, missing] = await executor.execute_group([
+        compiled(schema, inc("together", 3, returning=["qty", "price"])),
+        compiled(schema, inc("missing", 99, returning=["qty"])),
+    ])  # fmt: skip
+    assert (alone.rowcount, alone.returning) == (together.rowcount, together.returning) == (1, [])
+    assert (missing.rowcount, missing.returning) == (0, [])

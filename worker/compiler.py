@@ -52,6 +52,9 @@ class Statement:
     row: tuple[Any, ...] | None = None
     #: Values for the statement's bound parameters (a cached, shared statement needs them).
     params: Mapping[str, Any] = field(default_factory=dict)
+    #: For a one-row-by-key statement: ``(table, sets, incs, keys, returning)`` column names,
+    #: so that jobs of one shape can also run as one UPDATE ... FROM (VALUES ...).
+    shape: tuple[Any, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +108,7 @@ def compile_update(spec: UpdateSpec, schema: Schema) -> Statement:
             guards=Guards(guards.rows, guards.min_rows, min(guards.max_rows or 1, 1)),
             row=(spec.table, *(key[name] for name in keys)),
             params=params,
+            shape=(rules.table, *shape),
         )
 
     if spec.where is not None:

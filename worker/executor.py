@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
 )
 
-from worker import ledger
+from worker import bulk, ledger
 from worker.compiler import Plan, Statement
 from worker.engine import WRITES
 from worker.errors import (
@@ -200,12 +200,16 @@ class Executor:
         recorded: dict[str, ledger.Entry] = {}
         async with self._session() as session:
             finished = await ledger.lookup_many(session, list(first))
-            for index in sorted(first.values(), key=lambda index: _row(items[index][1])):
-                job, plan = items[index]
-                if job.id in finished:
-                    continue
-                statement = plan.statements[0]
-                result = await self._run(session, statement, label=statement.table)
+            todo = [
+                index
+                for index in sorted(first.values(), key=lambda index: _row(items[index][1]))
+                if items[index][0].id not in finished
+            ]
+            results = await self._run_rows(
+                session, [items[index][1].statements[0] for index in todo]
+            )
+            for index, result in zip(todo, results, strict=True):
+                job = items[index][0]
                 made[job.id] = attempts[index].reply(status="ok", **_outcome(job, [result]))
                 stored = made[job.id].model_dump_json(exclude_none=True)
                 recorded[job.id] = ledger.Entry(payload_hash=job.payload_hash, reply=stored)
@@ -220,6 +224,17 @@ class Executor:
             if job.id in made and first[job.id] == index
             else self._replayed(attempts[index], finished.get(job.id) or recorded[job.id])
             for index, (job, _) in enumerate(items)
+        ]
+
+    async def _run_rows(
+        self, session: AsyncSession, statements: list[Statement]
+    ) -> list[UpdateResult]:
+        """One-row-by-key statements, in key order: set-based on PostgreSQL, where each
+        statement is a network round trip; one by one on SQLite, where none is."""
+        if session.get_bind().dialect.name == "postgresql":
+            return await bulk.run_rows(session, statements, max_returning=self._max_returning)
+        return [
+            await self._run(session, statement, label=statement.table) for statement in statements
         ]
 
     async def _run(

@@ -37,8 +37,18 @@ class Entry:
 
 
 async def ensure_ledger(connection: AsyncConnection) -> None:
-    """Create the ledger table if it is missing."""
-    await connection.run_sync(_metadata.create_all, checkfirst=True)
+    """Create the ledger table if it is missing.
+
+    Workers starting together may race to create it; losing that race is fine (a savepoint
+    keeps the caller's transaction usable), as long as the table is there afterwards.
+    """
+    try:
+        async with connection.begin_nested():
+            await connection.run_sync(_metadata.create_all, checkfirst=True)
+    except sa.exc.DBAPIError:
+        exists = await connection.run_sync(lambda sync: sa.inspect(sync).has_table(LEDGER_TABLE))
+        if not exists:
+            raise
 
 
 async def record(session: AsyncSession, *, job_id: str, payload_hash: str, reply: str) -> bool:
@@ -58,12 +68,13 @@ async def record_many(session: AsyncSession, rows: list[tuple[str, str, str]]) -
     if not rows:
         return 0
     finished_at = _now()
-    insert = _insert_once(session.get_bind().dialect.name).returning(ledger.c.job_id)
     params = [
         {"job_id": job_id, "payload_hash": payload_hash, "reply": reply, "finished_at": finished_at}
         for job_id, payload_hash, reply in rows
     ]
-    inserted = await session.execute(insert.values(params))
+    # One cached statement, run as SQLAlchemy's "insertmanyvalues" batch: a list of
+    # parameters with RETURNING, not a new multi-VALUES statement to compile per group.
+    inserted = await session.execute(_insert_many(session.get_bind().dialect.name), params)
     return len(inserted.all())
 
 
@@ -91,6 +102,11 @@ def _insert_once(dialect: str) -> sa.Insert:
     """INSERT ... ON CONFLICT DO NOTHING, built once per dialect: it runs for every job."""
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     return insert(ledger).on_conflict_do_nothing(index_elements=[ledger.c.job_id])
+
+
+@functools.cache
+def _insert_many(dialect: str) -> sa.Insert:
+    return _insert_once(dialect).returning(ledger.c.job_id)
 
 
 def _now() -> dt.datetime:

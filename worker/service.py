@@ -71,9 +71,7 @@ class Worker:
                     await asyncio.wait(tasks)
                 # An entry claimed back while still running here is not started twice.
                 works = [self._prepare(entry) for entry in entries if entry.id not in in_flight]
-                for unit in units(
-                    works, slots=self.settings.concurrency, group_size=self.settings.group_size
-                ):
+                for unit in units(works, group_size=self.settings.group_size):
                     task = asyncio.create_task(self.handle(unit, slots))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)

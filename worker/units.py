@@ -54,14 +54,17 @@ def prepare(entry: Entry, *, schema: Schema, max_job_bytes: int, max_deliveries:
         return Work(entry, parsed, error=error)
 
 
-def units(works: list[Work], *, slots: int, group_size: int) -> list[list[Work]]:
-    """Single-row jobs in groups spread over ``slots`` transactions; the rest one by one."""
+def units(works: list[Work], *, group_size: int) -> list[list[Work]]:
+    """Single-row jobs in full groups of ``group_size``; the rest one by one.
+
+    Full groups, not groups spread thin over every free slot: a transaction's fixed cost
+    (begin, ledger lookup, row locks, ledger insert, commit) is paid once per group.
+    """
     alone = [[work] for work in works if not work.groupable]
     together = [work for work in works if work.groupable]
-    if not together:
-        return alone
-    size = min(group_size, -(-len(together) // slots))
-    return alone + [together[start : start + size] for start in range(0, len(together), size)]
+    return alone + [
+        together[start : start + group_size] for start in range(0, len(together), group_size)
+    ]
 
 
 class Pace:

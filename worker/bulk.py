@@ -1,0 +1,146 @@
+"""A group's one-row-by-key updates as a few set-based statements (PostgreSQL).
+
+Instead of one round trip per job, a group costs:
+- one ``SELECT … ORDER BY key FOR UPDATE`` per table, which takes the row locks in key order
+  (so concurrent groups never wait on each other in a cycle), and
+- one ``UPDATE … FROM (VALUES …) RETURNING key`` per round and shape of job.
+A round holds each row at most once, and the n-th job on a row goes in round n, so jobs on
+the same row still apply in the order they came. The returned keys tell each job whether its
+row matched: its rowcount, exactly as its own UPDATE would have said.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from worker.compiler import Statement
+from worker.errors import ExpectationFailed
+from worker.jobs import UpdateResult
+from worker.values import to_json
+
+
+async def run_rows(
+    session: AsyncSession, statements: Sequence[Statement], *, max_returning: int
+) -> list[UpdateResult]:
+    """The result of each statement (all with a ``shape``), in the given order."""
+    await _lock_in_key_order(session, statements)
+    rounds: list[dict[Any, list[int]]] = []  # round -> shape -> statement indexes
+    seen: dict[tuple[Any, ...], int] = defaultdict(int)
+    for index, statement in enumerate(statements):
+        row = _row(statement)
+        if seen[row] == len(rounds):
+            rounds.append(defaultdict(list))
+        rounds[seen[row]][_shape(statement)].append(index)
+        seen[row] += 1
+    results: list[UpdateResult | None] = [None] * len(statements)
+    for shapes in rounds:
+        for shape, indexes in shapes.items():
+            batch = [statements[index] for index in indexes]
+            for index, result in zip(
+                indexes, await _update(session, shape, batch, max_returning), strict=True
+            ):
+                results[index] = result
+    return [result for result in results if result is not None]
+
+
+async def _lock_in_key_order(session: AsyncSession, statements: Sequence[Statement]) -> None:
+    by_table: dict[sa.Table, list[tuple[Any, ...]]] = defaultdict(list)
+    for statement in statements:
+        by_table[_shape(statement)[0]].append(_row(statement)[1:])
+    for table in sorted(by_table, key=lambda table: table.fullname):
+        keys = sorted(set(by_table[table]))
+        await session.execute(_locker(table), {"keys": keys})
+
+
+@functools.cache
+def _locker(table: sa.Table) -> sa.Select[Any]:
+    key = sa.tuple_(*table.primary_key.columns)
+    return (
+        sa.select(*table.primary_key.columns)
+        .where(key.in_(sa.bindparam("keys", expanding=True)))
+        .order_by(*table.primary_key.columns)
+        .with_for_update()
+    )
+
+
+async def _update(
+    session: AsyncSession, shape: tuple[Any, ...], batch: list[Statement], max_returning: int
+) -> list[UpdateResult]:
+    keys, returning = shape[3], shape[4]
+    params = {
+        f"{name}_{row}": value
+        for row, statement in enumerate(batch)
+        for name, value in statement.params.items()
+    }
+    found: dict[tuple[Any, ...], RowMapping] = {}
+    for updated in (await session.execute(_statement(shape, len(batch)), params)).mappings():
+        found[tuple(updated[f"_k{index}"] for index in range(len(keys)))] = updated
+    results = []
+    for statement in batch:
+        match = found.get(_row(statement)[1:])
+        rowcount = 0 if match is None else 1
+        rows = [] if match is None else [{name: to_json(match[name]) for name in returning}]
+        result = UpdateResult(
+            rowcount=rowcount, returning=rows[:max_returning] if statement.returns_rows else None
+        )
+        if violation := statement.guards.violation(rowcount):
+            raise ExpectationFailed(f"{statement.table}: {violation}; rolled back")
+        results.append(result)
+    return results
+
+
+@functools.lru_cache(maxsize=1024)
+def _statement(shape: tuple[Any, ...], count: int) -> sa.Update:
+    """``UPDATE t SET … FROM (VALUES …) AS v WHERE t.key = v.key RETURNING key, …`` for
+    ``count`` jobs of one shape, with the same parameter names as the one-row statement,
+    suffixed by the job's position (``s0_3``)."""
+    table, sets, incs, keys, returning = shape
+    columns = {column.name: column for column in table.columns}
+    names = [
+        *((f"s{index}", columns[name]) for index, name in enumerate(sets)),
+        *((f"i{index}", columns[name]) for index, name in enumerate(incs)),
+        *((f"k{index}", columns[name]) for index, name in enumerate(keys)),
+    ]
+    rows = [
+        tuple(sa.bindparam(f"{name}_{row}", type_=column.type) for name, column in names)
+        for row in range(count)
+    ]
+    values = sa.values(*(sa.column(name, column.type) for name, column in names), name="v").data(
+        rows
+    )
+    assignments: dict[sa.Column[Any], Any] = {
+        columns[name]: values.c[f"s{index}"] for index, name in enumerate(sets)
+    }
+    for index, name in enumerate(incs):
+        assignments[columns[name]] = columns[name] + values.c[f"i{index}"]
+    condition = sa.and_(
+        *(columns[name] == values.c[f"k{index}"] for index, name in enumerate(keys))
+    )
+    return (
+        sa.update(table)
+        .values(assignments)
+        .where(condition)
+        .returning(
+            *(columns[name].label(f"_k{index}") for index, name in enumerate(keys)),
+            *(columns[name] for name in returning),
+        )
+    )
+
+
+def _row(statement: Statement) -> tuple[Any, ...]:
+    if statement.row is None:
+        raise ValueError("only one-row-by-key statements run in bulk")
+    return statement.row
+
+
+def _shape(statement: Statement) -> tuple[Any, ...]:
+    if statement.shape is None:
+        raise ValueError("only one-row-by-key statements run in bulk")
+    return statement.shape
