@@ -5,8 +5,10 @@ Instead of one round trip per job, a group costs:
   (so concurrent groups never wait on each other in a cycle), and
 - one ``UPDATE … FROM (VALUES …) RETURNING key`` per round and shape of job.
 A round holds each row at most once, and the n-th job on a row goes in round n, so jobs on
-the same row still apply in the order they came. The returned keys tell each job whether its
-row matched: its rowcount, exactly as its own UPDATE would have said.
+the same row still apply in the order they came. Statement sizes are rounded up to a power
+of two (padded with rows that match nothing), so only a handful of statements ever exist.
+The returned keys tell each job whether its row matched: its rowcount, exactly as its own
+UPDATE would have said.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ async def _lock_in_key_order(session: AsyncSession, statements: Sequence[Stateme
         by_table[_shape(statement)[0]].append(_row(statement)[1:])
     for table in sorted(by_table, key=lambda table: table.fullname):
         keys = sorted(set(by_table[table]))
+        keys += keys[-1:] * (_bucket(len(keys)) - len(keys))  # repeats change nothing
         await session.execute(_locker(table), {"keys": keys})
 
 
@@ -74,13 +77,16 @@ async def _update(
     session: AsyncSession, shape: tuple[Any, ...], batch: list[Statement], max_returning: int
 ) -> list[UpdateResult]:
     keys, returning = shape[3], shape[4]
+    size = _bucket(len(batch))
     params = {
         f"{name}_{row}": value
         for row, statement in enumerate(batch)
         for name, value in statement.params.items()
     }
+    # Rows past the batch are all NULL: a NULL key matches no row.
+    params |= {f"{name}_{row}": None for row in range(len(batch), size) for name in batch[0].params}
     found: dict[tuple[Any, ...], RowMapping] = {}
-    for updated in (await session.execute(_statement(shape, len(batch)), params)).mappings():
+    for updated in (await session.execute(_statement(shape, size), params)).mappings():
         found[tuple(updated[f"_k{index}"] for index in range(len(keys)))] = updated
     results = []
     for statement in batch:
@@ -132,6 +138,12 @@ def _statement(shape: tuple[Any, ...], count: int) -> sa.Update:
             *(columns[name] for name in returning),
         )
     )
+
+
+def _bucket(count: int) -> int:
+    """The next power of two: a handful of statement sizes instead of one per group size, so
+    SQLAlchemy's compiled cache and asyncpg's prepared statements stay small and warm."""
+    return 1 << max(count - 1, 0).bit_length()
 
 
 def _row(statement: Statement) -> tuple[Any, ...]:
