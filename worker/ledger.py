@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -67,14 +67,30 @@ async def record_many(session: AsyncSession, rows: list[tuple[str, str, str]]) -
     """
     if not rows:
         return 0
-    finished_at = _now()
-    params = [
-        {"job_id": job_id, "payload_hash": payload_hash, "reply": reply, "finished_at": finished_at}
-        for job_id, payload_hash, reply in rows
-    ]
-    # One cached statement, run as SQLAlchemy's "insertmanyvalues" batch: a list of
-    # parameters with RETURNING, not a new multi-VALUES statement to compile per group.
-    inserted = await session.execute(_insert_many(session.get_bind().dialect.name), params)
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        # unnest() of arrays: one SQL text whatever the row count, so one prepared statement.
+        job_ids, hashes, replies = (list(column) for column in zip(*rows, strict=True))
+        params: Any = {
+            "job_ids": job_ids,
+            "hashes": hashes,
+            "replies": replies,
+            "finished_at": _now(),
+        }
+        inserted = await session.execute(_insert_unnested(), params)
+    else:
+        finished_at = _now()
+        params = [
+            {
+                "job_id": job_id,
+                "payload_hash": payload_hash,
+                "reply": reply,
+                "finished_at": finished_at,
+            }
+            for job_id, payload_hash, reply in rows
+        ]
+        # One cached statement, run as SQLAlchemy's "insertmanyvalues" batch.
+        inserted = await session.execute(_insert_many(dialect), params)
     return len(inserted.all())
 
 
@@ -82,12 +98,11 @@ async def lookup_many(session: AsyncSession, job_ids: list[str]) -> dict[str, En
     """The ledger rows of those ids that have one."""
     if not job_ids:
         return {}
-    statement = sa.select(ledger.c.job_id, ledger.c.payload_hash, ledger.c.reply).where(
-        ledger.c.job_id.in_(job_ids)
-    )
+    postgres = session.get_bind().dialect.name == "postgresql"
+    statement = _lookup_any() if postgres else _lookup_in()
     return {
         row.job_id: Entry(payload_hash=row.payload_hash, reply=row.reply)
-        for row in await session.execute(statement)
+        for row in await session.execute(statement, {"ids": job_ids})
     }
 
 
@@ -102,6 +117,41 @@ def _insert_once(dialect: str) -> sa.Insert:
     """INSERT ... ON CONFLICT DO NOTHING, built once per dialect: it runs for every job."""
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     return insert(ledger).on_conflict_do_nothing(index_elements=[ledger.c.job_id])
+
+
+@functools.cache
+def _insert_unnested() -> sa.Insert:
+    arrays = (
+        sa.bindparam("job_ids", type_=postgresql.ARRAY(ledger.c.job_id.type)),
+        sa.bindparam("hashes", type_=postgresql.ARRAY(ledger.c.payload_hash.type)),
+        sa.bindparam("replies", type_=postgresql.ARRAY(ledger.c.reply.type)),
+    )
+    rows = sa.func.unnest(*arrays).table_valued("job_id", "payload_hash", "reply").render_derived()
+    finished_at = sa.bindparam("finished_at", type_=ledger.c.finished_at.type)
+    source = sa.select(rows.c.job_id, rows.c.payload_hash, rows.c.reply, finished_at)
+    columns = ["job_id", "payload_hash", "reply", "finished_at"]
+    return (
+        postgresql.insert(ledger)
+        .from_select(columns, source)
+        .on_conflict_do_nothing(index_elements=[ledger.c.job_id])
+        .returning(ledger.c.job_id)
+    )
+
+
+@functools.cache
+def _lookup_any() -> sa.Select[Any]:
+    ids = sa.bindparam("ids", type_=postgresql.ARRAY(ledger.c.job_id.type))
+    return sa.select(ledger.c.job_id, ledger.c.payload_hash, ledger.c.reply).where(
+        ledger.c.job_id == sa.any_(ids)
+    )
+
+
+@functools.cache
+def _lookup_in() -> sa.Select[Any]:
+    ids: sa.BindParameter[list[str]] = sa.bindparam("ids", expanding=True)
+    return sa.select(ledger.c.job_id, ledger.c.payload_hash, ledger.c.reply).where(
+        ledger.c.job_id.in_(ids)
+    )
 
 
 @functools.cache
