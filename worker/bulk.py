@@ -22,10 +22,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from worker.compiler import Statement
-from worker.errors import ExpectationFailed
+from worker.compiler import Statement, key_update
 from worker.jobs import UpdateResult
-from worker.values import to_json
 
 
 async def run_rows(
@@ -91,14 +89,11 @@ async def _update(
     results = []
     for statement in batch:
         match = found.get(_row(statement)[1:])
-        rowcount = 0 if match is None else 1
-        rows = [] if match is None else [{name: to_json(match[name]) for name in returning}]
-        result = UpdateResult(
-            rowcount=rowcount, returning=rows[:max_returning] if statement.returns_rows else None
-        )
-        if violation := statement.guards.violation(rowcount):
-            raise ExpectationFailed(f"{statement.table}: {violation}; rolled back")
-        results.append(result)
+        rows = [] if match is None else [{name: match[name] for name in returning}]
+        results.append(
+            statement.outcome(len(rows), rows if statement.returns_rows else None,
+                              max_returning=max_returning, label=statement.table)
+        )  # fmt: skip
     return results
 
 
@@ -118,25 +113,11 @@ def _statement(shape: tuple[Any, ...], count: int) -> sa.Update:
         tuple(sa.bindparam(f"{name}_{row}", type_=column.type) for name, column in names)
         for row in range(count)
     ]
-    values = sa.values(*(sa.column(name, column.type) for name, column in names), name="v").data(
-        rows
-    )
-    assignments: dict[sa.Column[Any], Any] = {
-        columns[name]: values.c[f"s{index}"] for index, name in enumerate(sets)
-    }
-    for index, name in enumerate(incs):
-        assignments[columns[name]] = columns[name] + values.c[f"i{index}"]
-    condition = sa.and_(
-        *(columns[name] == values.c[f"k{index}"] for index, name in enumerate(keys))
-    )
-    return (
-        sa.update(table)
-        .values(assignments)
-        .where(condition)
-        .returning(
-            *(columns[name].label(f"_k{index}") for index, name in enumerate(keys)),
-            *(columns[name] for name in returning),
-        )
+    values = sa.values(*(sa.column(name, column.type) for name, column in names), name="v")
+    listed = values.data(rows)
+    return key_update(table, sets, incs, keys, lambda name, _: listed.c[name]).returning(
+        *(columns[name].label(f"_k{index}") for index, name in enumerate(keys)),
+        *(columns[name] for name in returning),
     )
 
 

@@ -8,7 +8,7 @@ column's type.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,11 +16,11 @@ import sqlalchemy as sa
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeDecorator
 
-from worker.errors import InvalidJob, MissingFilter, WorkerError
+from worker.errors import ExpectationFailed, InvalidJob, MissingFilter, WorkerError
 from worker.filters import AllOf, Compare, Filter, Negate
-from worker.jobs import Job, UpdateSpec
+from worker.jobs import Job, UpdateResult, UpdateSpec
 from worker.schema import Schema, TableRules
-from worker.values import coerce
+from worker.values import coerce, to_json
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +55,24 @@ class Statement:
     #: For a one-row-by-key statement: ``(table, sets, incs, keys, returning)`` column names,
     #: so that jobs of one shape can also run as one UPDATE ... FROM (VALUES ...).
     shape: tuple[Any, ...] | None = None
+
+    def outcome(
+        self,
+        rowcount: int,
+        rows: Sequence[Mapping[Any, Any]] | None,
+        *,
+        max_returning: int,
+        label: str,
+    ) -> UpdateResult:
+        """The statement's result from what the database said (``rows`` when it returns
+        rows), or :class:`ExpectationFailed` when its guards refuse the row count."""
+        if violation := self.guards.violation(rowcount):
+            raise ExpectationFailed(f"{label}: {violation}; rolled back")
+        returning = None
+        if rows is not None:
+            returning = [{name: to_json(value) for name, value in row.items()}
+                         for row in rows[:max_returning]]  # fmt: skip
+        return UpdateResult(rowcount=rowcount, returning=returning)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,21 +161,35 @@ def _by_key(
     """The UPDATE of one row by key for one shape of job, built once: its values are bound
     parameters (``s0``, ``i0``, ``k0``, ...), so every job of that shape reuses the statement
     and SQLAlchemy's compiled form of it."""
+    update = key_update(
+        table, sets, incs, keys, lambda name, column: sa.bindparam(name, type_=column.type)
+    )
+    if returning:
+        by_name = {column.name: column for column in table.columns}
+        update = update.returning(*(by_name[name] for name in returning))
+    return update
+
+
+def key_update(
+    table: sa.Table,
+    sets: tuple[str, ...],
+    incs: tuple[str, ...],
+    keys: tuple[str, ...],
+    value: Callable[[str, sa.Column[Any]], ColumnElement[Any]],
+) -> sa.Update:
+    """``UPDATE table SET sets, incs WHERE keys`` for one shape of job, each value taken from
+    ``value(name, column)`` with names ``s0``, ``i0``, ``k0``, ...: a bound parameter for one
+    row, or the column of a VALUES list for many (worker/bulk.py)."""
     columns = {column.name: column for column in table.columns}
-    values: dict[sa.Column[Any], Any] = {
-        columns[name]: sa.bindparam(f"s{index}", type_=columns[name].type)
-        for index, name in enumerate(sets)
+    assignments: dict[sa.Column[Any], Any] = {
+        columns[name]: value(f"s{index}", columns[name]) for index, name in enumerate(sets)
     }
     for index, name in enumerate(incs):
-        values[columns[name]] = columns[name] + sa.bindparam(f"i{index}", type_=columns[name].type)
+        assignments[columns[name]] = columns[name] + value(f"i{index}", columns[name])
     condition = sa.and_(
-        *(columns[name] == sa.bindparam(f"k{index}", type_=columns[name].type)
-          for index, name in enumerate(keys))
-    )  # fmt: skip
-    update = sa.update(table).values(values).where(condition)
-    if returning:
-        update = update.returning(*(columns[name] for name in returning))
-    return update
+        *(columns[name] == value(f"k{index}", columns[name]) for index, name in enumerate(keys))
+    )
+    return sa.update(table).values(assignments).where(condition)
 
 
 def _guards(spec: UpdateSpec) -> Guards:

@@ -28,14 +28,12 @@ from worker.engine import WRITES
 from worker.errors import (
     DATABASE_BACKOFF,
     Backoff,
-    ExpectationFailed,
     IdConflict,
     Unavailable,
     WorkerError,
     classify,
 )
 from worker.jobs import Job, Reply, UpdateResult
-from worker.values import to_json
 
 log = logging.getLogger(__name__)
 
@@ -243,18 +241,11 @@ class Executor:
         result = cast(
             CursorResult[Any], await session.execute(statement.update, statement.params or None)
         )
+        limit = self._max_returning
         if statement.returns_rows:
             rows = result.mappings().all()
-            rowcount = len(rows)
-            returning: list[dict[str, Any]] | None = [
-                {name: to_json(value) for name, value in row.items()}
-                for row in rows[: self._max_returning]
-            ]
-        else:
-            rowcount, returning = result.rowcount, None
-        if violation := statement.guards.violation(rowcount):
-            raise ExpectationFailed(f"{label}: {violation}; rolled back")
-        return UpdateResult(rowcount=rowcount, returning=returning)
+            return statement.outcome(len(rows), rows, max_returning=limit, label=label)
+        return statement.outcome(result.rowcount, None, max_returning=limit, label=label)
 
     @asynccontextmanager
     async def _session(self) -> AsyncIterator[AsyncSession]:

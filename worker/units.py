@@ -60,8 +60,13 @@ def units(works: list[Work], *, group_size: int) -> list[list[Work]]:
     Full groups, not groups spread thin over every free slot: a transaction's fixed cost
     (begin, ledger lookup, row locks, ledger insert, commit) is paid once per group.
     """
-    alone = [[work] for work in works if not work.groupable]
-    together = [work for work in works if work.groupable]
+    alone: list[list[Work]] = []
+    together: list[Work] = []
+    for work in works:
+        if work.groupable:
+            together.append(work)
+        else:
+            alone.append([work])
     return alone + [
         together[start : start + group_size] for start in range(0, len(together), group_size)
     ]
