@@ -123,7 +123,12 @@ def compile_update(spec: UpdateSpec, schema: Schema) -> Statement:
             table=spec.table,
             update=_by_key(rules.table, *shape),
             returns_rows=bool(returning),
-            guards=Guards(guards.rows, guards.min_rows, min(guards.max_rows or 1, 1)),
+            # `key` implies max_rows 1; an explicit 0 still holds.
+            guards=Guards(
+                guards.rows,
+                guards.min_rows,
+                min(guards.max_rows, 1) if guards.max_rows is not None else 1,
+            ),
             row=(spec.table, *(key[name] for name in keys)),
             params=params,
             shape=(rules.table, *shape),

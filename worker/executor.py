@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, cast
 
 from sqlalchemy.engine import CursorResult
@@ -22,12 +21,14 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
 )
 
-from worker import bulk, ledger
+from worker import bulk, ledger, oneshot
+from worker.attempts import Attempt, label
 from worker.compiler import Plan, Statement
 from worker.engine import WRITES
 from worker.errors import (
     DATABASE_BACKOFF,
     Backoff,
+    ExpectationFailed,
     IdConflict,
     Unavailable,
     WorkerError,
@@ -36,30 +37,6 @@ from worker.errors import (
 from worker.jobs import Job, Reply, UpdateResult
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class _Attempt:
-    """One try at a job: everything a reply needs besides its outcome."""
-
-    job: Job
-    number: int
-    started: float
-    worker: str
-
-    def reply(self, **outcome: Any) -> Reply:
-        return Reply(id=self.job.id, **self._stamp(), **outcome)
-
-    def failure(self, error: WorkerError) -> Reply:
-        return Reply.failure(self.job.id, error, **self._stamp())
-
-    def _stamp(self) -> dict[str, Any]:
-        return {
-            "dry_run": self.job.dry_run,
-            "attempts": self.number,
-            "duration_ms": round((time.perf_counter() - self.started) * 1000, 3),
-            "worker": self.worker,
-        }
 
 
 class Executor:
@@ -77,6 +54,10 @@ class Executor:
         self._sessions = async_sessionmaker(
             engine.execution_options(**{WRITES: True}), expire_on_commit=False, autoflush=False
         )
+        self._statements = async_sessionmaker(  # one statement, one implicit transaction
+            engine.execution_options(**oneshot.AUTOCOMMIT), expire_on_commit=False, autoflush=False
+        )
+        self._postgres = engine.dialect.name == "postgresql"
         self._worker = worker
         self._max_attempts = max_attempts
         self._max_returning = max_returning
@@ -90,11 +71,11 @@ class Executor:
         """Answer a job the compiler refused, recording the verdict like any other."""
         return await self._with_retries(job, lambda attempt: self._record(attempt, error))
 
-    async def _with_retries(self, job: Job, unit: Callable[[_Attempt], Awaitable[Reply]]) -> Reply:
+    async def _with_retries(self, job: Job, unit: Callable[[Attempt], Awaitable[Reply]]) -> Reply:
         started = time.perf_counter()
         number = 1
         while True:
-            attempt = _Attempt(job=job, number=number, started=started, worker=self._worker)
+            attempt = Attempt(job=job, number=number, started=started, worker=self._worker)
             try:
                 return await unit(attempt)
             except Unavailable as error:
@@ -110,18 +91,20 @@ class Executor:
 
     async def replay(self, job: Job) -> Reply | None:
         """The stored reply of a job that already finished, or None if it never did."""
-        attempt = _Attempt(job=job, number=1, started=time.perf_counter(), worker=self._worker)
+        attempt = Attempt(job=job, number=1, started=time.perf_counter(), worker=self._worker)
         return await self._stored(attempt)
 
-    async def _apply(self, attempt: _Attempt, plan: Plan) -> Reply:
+    async def _apply(self, attempt: Attempt, plan: Plan) -> Reply:
         job = attempt.job
+        if self._postgres and not job.dry_run and oneshot.eligible(plan):
+            return await self._apply_at_once(attempt, plan.statements[0])
         try:
             async with self._session() as session:
                 results = [
-                    await self._run(session, statement, label=_label(job, index, statement))
+                    await self._run(session, statement, label=label(job, index, statement))
                     for index, statement in enumerate(plan.statements)
                 ]
-                reply = attempt.reply(status="ok", **_outcome(job, results))
+                reply = attempt.succeeded(results)
                 if job.dry_run:
                     return reply  # leaving the block rolls back
                 if await _record_reply(session, job, reply):
@@ -133,7 +116,32 @@ class Executor:
             return await self._record(attempt, error)
         return await self._replay(attempt)
 
-    async def _record(self, attempt: _Attempt, error: WorkerError) -> Reply:
+    async def _apply_at_once(self, attempt: Attempt, statement: Statement) -> Reply:
+        """A lone one-row job in one statement (worker/oneshot.py); same outcome as _apply."""
+        job = attempt.job
+        verdicts = [self._verdict(attempt, statement, count) for count in (0, 1)]
+        encoded = tuple(verdict.model_dump_json(exclude_none=True) for verdict in verdicts)
+        try:
+            async with self._statements() as session:
+                count = await oneshot.run(session, statement, job, replies=encoded)
+        except Exception as error:
+            if oneshot.duplicate(error):
+                return await self._replay(attempt)
+            if isinstance(failure := classify(error), Unavailable):
+                raise failure from error
+            return await self._record(attempt, failure)
+        return self._verdict(attempt, statement, count)
+
+    def _verdict(self, attempt: Attempt, statement: Statement, rowcount: int) -> Reply:
+        job = attempt.job
+        try:
+            result = statement.outcome(rowcount, None, max_returning=self._max_returning,
+                                       label=label(job, 0, statement))  # fmt: skip
+        except ExpectationFailed as error:
+            return attempt.failure(error)
+        return attempt.succeeded([result])
+
+    async def _record(self, attempt: Attempt, error: WorkerError) -> Reply:
         job = attempt.job
         reply = attempt.failure(error)
         if job.dry_run or not error.recorded:
@@ -144,7 +152,7 @@ class Executor:
                 return reply
         return await self._replay(attempt)
 
-    async def _replay(self, attempt: _Attempt) -> Reply:
+    async def _replay(self, attempt: Attempt) -> Reply:
         """The reply of the delivery whose ledger insert won over ours."""
         reply = await self._stored(attempt)
         if reply is None:
@@ -152,12 +160,12 @@ class Executor:
             raise Unavailable(f"ledger row for {attempt.job.id!r} vanished", reason="ledger_race")
         return reply
 
-    async def _stored(self, attempt: _Attempt) -> Reply | None:
+    async def _stored(self, attempt: Attempt) -> Reply | None:
         async with self._session() as session:
             entry = await ledger.lookup(session, attempt.job.id)
         return None if entry is None else self._replayed(attempt, entry)
 
-    def _replayed(self, attempt: _Attempt, entry: ledger.Entry) -> Reply:
+    def _replayed(self, attempt: Attempt, entry: ledger.Entry) -> Reply:
         """The recorded reply, marked as a replay; ``id_conflict`` if the payload differs."""
         job = attempt.job
         if entry.payload_hash != job.payload_hash:
@@ -192,7 +200,7 @@ class Executor:
         for index, (job, _) in enumerate(items):
             first.setdefault(job.id, index)
         attempts = [
-            _Attempt(job=job, number=1, started=started, worker=self._worker) for job, _ in items
+            Attempt(job=job, number=1, started=started, worker=self._worker) for job, _ in items
         ]
         made: dict[str, Reply] = {}
         recorded: dict[str, ledger.Entry] = {}
@@ -208,7 +216,7 @@ class Executor:
             )
             for index, result in zip(todo, results, strict=True):
                 job = items[index][0]
-                made[job.id] = attempts[index].reply(status="ok", **_outcome(job, [result]))
+                made[job.id] = attempts[index].succeeded([result])
                 stored = made[job.id].model_dump_json(exclude_none=True)
                 recorded[job.id] = ledger.Entry(payload_hash=job.payload_hash, reply=stored)
             rows = [(job_id, entry.payload_hash, entry.reply) for job_id, entry in recorded.items()]
@@ -273,13 +281,3 @@ def _row(plan: Plan) -> tuple[Any, ...]:
     row = plan.statements[0].row
     assert row is not None, "only groupable plans are grouped"  # noqa: S101 - an invariant
     return row
-
-
-def _label(job: Job, index: int, statement: Statement) -> str:
-    return f"updates[{index}] ({statement.table})" if job.batch else statement.table
-
-
-def _outcome(job: Job, results: list[UpdateResult]) -> dict[str, Any]:
-    if job.batch:
-        return {"rowcount": sum(result.rowcount for result in results), "results": results}
-    return {"rowcount": results[0].rowcount, "returning": results[0].returning}

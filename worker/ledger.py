@@ -17,15 +17,19 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 LEDGER_TABLE: Final = "update_worker_ledger"
+#: PostgreSQL's default name for the table's primary key, spelled out so that every
+#: deployment's table, whoever created it, carries the same one (see worker/oneshot.py).
+LEDGER_PRIMARY_KEY: Final = f"{LEDGER_TABLE}_pkey"
 
 _metadata = sa.MetaData()
 ledger = sa.Table(
     LEDGER_TABLE,
     _metadata,
-    sa.Column("job_id", sa.String(200), primary_key=True),
+    sa.Column("job_id", sa.String(200)),
     sa.Column("payload_hash", sa.String(64), nullable=False),
     sa.Column("reply", sa.Text, nullable=False),
     sa.Column("finished_at", sa.DateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint("job_id", name=LEDGER_PRIMARY_KEY),
     sa.Index(f"ix_{LEDGER_TABLE}_finished_at", "finished_at"),
 )
 
