@@ -411,10 +411,22 @@ async def test_a_second_signal_exits_at_once_and_leaves_the_running_job_pending(
             process.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(process.wait, 10) == 1
         assert await _pending_count(redis, stream) == 1  # not acked: the next worker gets it
+        # The job's own work either rolled back or, on PostgreSQL's one-statement path (which
+        # the server finishes once the lock frees, client or not), committed with its ledger
+        # row. Either way the next worker answers it, and it is applied exactly once.
+        async with fault_db.connect() as connection:
+            count = await connection.execute(sa.select(hits.c.count).where(hits.c.id == 1))
+            recorded = await connection.execute(
+                sa.text("SELECT count(*) FROM update_worker_ledger WHERE job_id = 'job-1'")
+            )
+            assert (count.scalar(), recorded.scalar()) in {(0, 0), (1, 1)}
+        workers.spawn()
+        await settle(redis, prefix, 2, timeout=60)
+        assert await workers.terminate() == [0]
     async with fault_db.connect() as connection:
         assert (
             await connection.execute(sa.select(hits.c.count).where(hits.c.id == 1))
-        ).scalar() == 0
+        ).scalar() == 1
 
 
 async def _pending_count(redis: Redis, stream: str) -> int:

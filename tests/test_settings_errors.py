@@ -178,7 +178,7 @@ async def test_transient_errors_are_retried_then_replied_unavailable_and_not_fin
 
     from worker.errors import Backoff, Unavailable
     from worker.executor import Executor
-    from worker.jobs import Job, Reply, parse_entry
+    from worker.jobs import Job, Reply, UpdateResult, parse_entry
 
     engine = create_async_engine("sqlite+aiosqlite://")  # never connected: the unit is a stand-in
     executor = Executor(engine, worker="t", max_attempts=4, backoff=Backoff(0.001, 0.001))
@@ -191,7 +191,7 @@ async def test_transient_errors_are_retried_then_replied_unavailable_and_not_fin
         if failures["left"]:
             failures["left"] -= 1
             raise Unavailable("deadlock detected", reason="deadlock")
-        return attempt.reply(status="ok", rowcount=1)  # type: ignore[attr-defined, no-any-return]
+        return attempt.succeeded([UpdateResult(rowcount=1)])  # type: ignore[attr-defined, no-any-return]
 
     ok = await executor._with_retries(parsed, flaky)  # the policy alone, no database
     assert (ok.status, ok.attempts) == ("ok", 3)

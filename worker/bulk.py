@@ -1,9 +1,10 @@
-"""A group's one-row-by-key updates as a few set-based statements (PostgreSQL).
+"""A group's one-row-by-key updates as a few set-based statements.
 
-Instead of one round trip per job, a group costs:
-- one ``SELECT … ORDER BY key FOR UPDATE`` per table, which takes the row locks in key order
-  (so concurrent groups never wait on each other in a cycle), and
-- one ``UPDATE … FROM (VALUES …) RETURNING key`` per round and shape of job.
+Instead of one statement per job (a network round trip on PostgreSQL, a hop to the driver's
+thread on SQLite), a group costs:
+- on PostgreSQL, one ``SELECT … ORDER BY key FOR UPDATE`` per table, which takes the row locks
+  in key order (so concurrent groups never wait on each other in a cycle), and
+- one ``WITH v AS (VALUES …) UPDATE … FROM v RETURNING key`` per round and shape of job.
 A round holds each row at most once, and the n-th job on a row goes in round n, so jobs on
 the same row still apply in the order they came. Statement sizes are rounded up to a power
 of two (padded with rows that match nothing), so only a handful of statements ever exist.
@@ -30,7 +31,8 @@ async def run_rows(
     session: AsyncSession, statements: Sequence[Statement], *, max_returning: int
 ) -> list[UpdateResult]:
     """The result of each statement (all with a ``shape``), in the given order."""
-    await _lock_in_key_order(session, statements)
+    if session.get_bind().dialect.name == "postgresql":
+        await _lock_in_key_order(session, statements)  # SQLite's writer holds the whole file
     rounds: list[dict[Any, list[int]]] = []  # round -> shape -> statement indexes
     seen: dict[tuple[Any, ...], int] = defaultdict(int)
     for index, statement in enumerate(statements):
@@ -113,8 +115,9 @@ def _statement(shape: tuple[Any, ...], count: int) -> sa.Update:
         tuple(sa.bindparam(f"{name}_{row}", type_=column.type) for name, column in names)
         for row in range(count)
     ]
+    # WITH v(s0, k0) AS (VALUES ...): unlike FROM (VALUES ...) AS v(s0, k0), SQLite takes it too.
     values = sa.values(*(sa.column(name, column.type) for name, column in names), name="v")
-    listed = values.data(rows)
+    listed = values.data(rows).cte("v")
     return key_update(table, sets, incs, keys, lambda name, _: listed.c[name]).returning(
         *(columns[name].label(f"_k{index}") for index, name in enumerate(keys)),
         *(columns[name] for name in returning),

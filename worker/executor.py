@@ -8,10 +8,10 @@ exponential backoff; permanent ones are recorded so a redelivery gets the same a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
 from typing import Any, cast
 
 from sqlalchemy.engine import CursorResult
@@ -58,6 +58,9 @@ class Executor:
             engine.execution_options(**oneshot.AUTOCOMMIT), expire_on_commit=False, autoflush=False
         )
         self._postgres = engine.dialect.name == "postgresql"
+        # SQLite has one writer at a time. Queued here, a transaction starts the moment the
+        # previous one ends; queued in SQLite's busy handler, it would sleep 1, 2, 5, 10 ms...
+        self._writer = contextlib.nullcontext() if self._postgres else asyncio.Lock()
         self._worker = worker
         self._max_attempts = max_attempts
         self._max_returning = max_returning
@@ -211,8 +214,10 @@ class Executor:
                 for index in sorted(first.values(), key=lambda index: _row(items[index][1]))
                 if items[index][0].id not in finished
             ]
-            results = await self._run_rows(
-                session, [items[index][1].statements[0] for index in todo]
+            results = await bulk.run_rows(
+                session,
+                [items[index][1].statements[0] for index in todo],
+                max_returning=self._max_returning,
             )
             for index, result in zip(todo, results, strict=True):
                 job = items[index][0]
@@ -232,17 +237,6 @@ class Executor:
             for index, (job, _) in enumerate(items)
         ]
 
-    async def _run_rows(
-        self, session: AsyncSession, statements: list[Statement]
-    ) -> list[UpdateResult]:
-        """One-row-by-key statements, in key order: set-based on PostgreSQL, where each
-        statement is a network round trip; one by one on SQLite, where none is."""
-        if session.get_bind().dialect.name == "postgresql":
-            return await bulk.run_rows(session, statements, max_returning=self._max_returning)
-        return [
-            await self._run(session, statement, label=statement.table) for statement in statements
-        ]
-
     async def _run(
         self, session: AsyncSession, statement: Statement, *, label: str
     ) -> UpdateResult:
@@ -255,11 +249,11 @@ class Executor:
             return statement.outcome(len(rows), rows, max_returning=limit, label=label)
         return statement.outcome(result.rowcount, None, max_returning=limit, label=label)
 
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def _session(self) -> AsyncIterator[AsyncSession]:
         """A session whose driver errors come out classified; uncommitted work rolls back."""
         try:
-            async with self._sessions() as session:
+            async with self._writer, self._sessions() as session:
                 yield session
         except WorkerError:
             raise
