@@ -27,8 +27,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.tables import seed_all
 from worker.engine import create_engine
-from worker.service import Worker, open_worker
+from worker.service import Worker
 from worker.settings import Settings, load_settings
+from worker.startup import open_worker
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get(

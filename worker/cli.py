@@ -9,22 +9,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import sqlalchemy as sa
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
+from worker import commands, logs
 from worker.client import UpdateClient
-from worker.engine import create_engine
 from worker.errors import SettingsError, classify
 from worker.jobs import job_json_schema
 from worker.settings import Settings, field_infos, flag_name, load_settings, mask_url
-from worker.transport import connect
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
 
@@ -35,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags = {name: getattr(args, name, None) for name in field_infos()}
     try:
         settings = load_settings(os.environ, flags)
-        _configure_logging(settings)
+        logs.configure(log_format=settings.log_format, level=settings.log_level)
         return int(args.handler(settings, args))
     except SettingsError as error:
         print(f"update-worker: {error}", file=sys.stderr)
@@ -45,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.service import serve  # noqa: PLC0415 - keeps `schema` and `--help` fast
+    from worker.startup import serve  # noqa: PLC0415 - keeps `schema` and `--help` fast
 
     try:
         asyncio.run(serve(settings, burst=args.burst))
@@ -56,6 +53,8 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _submit(settings: Settings, args: argparse.Namespace) -> int:
+    if args.file is not None:
+        return commands.submit_file(settings, args)
     job = _job_from_args(args)
     reply = asyncio.run(
         _submit_and_wait(settings, job, wait=not args.no_wait, timeout=args.timeout)
@@ -88,37 +87,6 @@ async def _submit_and_wait(
 def _schema(_settings: Settings, _args: argparse.Namespace) -> int:
     print(json.dumps(job_json_schema(), indent=2))
     return EXIT_OK
-
-
-def _check(settings: Settings, _args: argparse.Namespace) -> int:
-    problems = asyncio.run(_problems(settings))
-    for problem in problems:
-        print(problem, file=sys.stderr)
-    if not problems:
-        print(
-            f"ok: redis {mask_url(settings.redis_url)}, database {mask_url(settings.database_url)}"
-        )
-    return EXIT_FAILED if problems else EXIT_OK
-
-
-async def _problems(settings: Settings) -> list[str]:
-    problems = []
-    redis = connect(settings.redis_url)
-    try:
-        await redis.ping()
-    except (RedisError, OSError) as error:
-        problems.append(f"redis: {mask_url(classify(error).message)}")
-    finally:
-        await redis.aclose()
-    engine = create_engine(settings.database_url, pool_size=1)
-    try:
-        async with engine.connect() as connection:
-            await connection.execute(sa.text("SELECT 1"))
-    except (SQLAlchemyError, OSError) as error:
-        problems.append(f"database: {mask_url(classify(error).message)}")
-    finally:
-        await engine.dispose()
-    return problems
 
 
 def _demo(settings: Settings, _args: argparse.Namespace) -> int:
@@ -184,12 +152,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="update-worker", description="Runs UPDATE jobs from a Redis stream."
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    subparsers = parser.add_subparsers(dest="command", required=True)
 
     def command(
         name: str, handler: Callable[[Settings, argparse.Namespace], int], text: str
     ) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, parents=[settings_flags], help=text, description=text)
+        sub = subparsers.add_parser(name, parents=[settings_flags], help=text, description=text)
         sub.set_defaults(handler=handler)
         return sub
 
@@ -215,31 +183,41 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--dry-run", action="store_true")
     submit.add_argument("--id", help="idempotency key (default: a fresh one)")
     submit.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the reply")
-    submit.add_argument("--no-wait", action="store_true", help="print the job id without waiting")
+    submit.add_argument("--no-wait", action="store_true", help="enqueue only; print the job id(s)")
+    submit.add_argument("-f", "--file", help="a JSONL file of jobs, one per line (- for stdin)")
+    submit.add_argument(
+        "--in-flight", type=int, default=100, help="with -f: most jobs awaiting a reply at once"
+    )
 
     command("schema", _schema, "print the JSON Schema of a job")
-    command("check", _check, "exit 0 when Redis and the database answer")
+    command("check", commands.check, "exit 0 when Redis, the database, the group and the ledger "
+            "are in order; else one line per problem")  # fmt: skip
+    stats = command("stats", commands.stats, "stream, pending, consumers, dead letters, jobs/s")
+    stats.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    stats.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+
+    dead = command("dead", commands.dead, "list, show, replay or purge dead letters")
+    actions = dead.add_subparsers(dest="action", required=True)
+    for action, text in (
+        ("list", "list dead letters, oldest first"),
+        ("replay", "put jobs back on the job stream, under their own ids"),
+        ("purge", "delete dead letters"),
+    ):
+        sub = actions.add_parser(action, help=text, description=text)
+        if action != "list":
+            sub.add_argument("letter_ids", nargs="*", metavar="LETTER_ID")
+            sub.add_argument("--all", action="store_true", help="every dead letter")
+        sub.add_argument("--reason", help="only letters with this reason")
+        sub.add_argument("--older-than", metavar="DURATION", help="only letters older, e.g. 7d")
+        if action == "list":
+            sub.add_argument("--limit", type=int, default=50)
+    show = actions.add_parser("show", help="one dead letter in full")
+    show.add_argument("letter_id")
+
+    ledger = command("ledger", commands.prune_ledger, "ledger housekeeping")
+    ledger_actions = ledger.add_subparsers(dest="action", required=True)
+    prune = ledger_actions.add_parser("prune", help="delete ledger rows of jobs finished long ago")
+    prune.add_argument("--older-than", metavar="DURATION",
+                       help="e.g. 7d (default: WORKER_LEDGER_RETENTION)")  # fmt: skip
     command("demo", _demo, "run the seed scenario end to end on SQLite")
     return parser
-
-
-def _configure_logging(settings: Settings) -> None:
-    handler = logging.StreamHandler()
-    if settings.log_format == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        line = {
-            "time": self.formatTime(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line)

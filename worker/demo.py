@@ -25,8 +25,8 @@ from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from worker.client import UpdateClient
-from worker.service import open_worker
 from worker.settings import Settings, mask_url
+from worker.startup import open_worker
 from worker.values import to_json
 
 seed_metadata = sa.MetaData()

@@ -129,11 +129,17 @@ REDIS_BACKOFF = Backoff(base_s=0.1, cap_s=2.0)
 
 
 async def retry_transient(
-    action: Callable[[], Awaitable[T]], *, attempts: int, backoff: Backoff, what: str
+    action: Callable[[], Awaitable[T]],
+    *,
+    attempts: int,
+    backoff: Backoff,
+    what: str,
+    retried: Callable[[str], None] = lambda _reason: None,
 ) -> T:
     """Await ``action()``, trying again while it fails with a transient error.
 
-    A permanent error, or the last transient one, propagates unchanged.
+    A permanent error, or the last transient one, propagates unchanged. ``retried(reason)``
+    is told about each retry.
     """
     failures = 0
     while True:
@@ -141,8 +147,10 @@ async def retry_transient(
             return await action()
         except Exception as error:
             failures += 1
-            if not classify(error).retryable or failures >= attempts:
+            verdict = classify(error)
+            if not verdict.retryable or failures >= attempts:
                 raise
+            retried(getattr(verdict, "reason", verdict.code))
             log.warning("%s failed (%s), try %d of %d; retrying", what, error, failures, attempts)
         await asyncio.sleep(backoff.delay(failures))
 

@@ -35,6 +35,7 @@ from worker.errors import (
     classify,
 )
 from worker.jobs import Job, Reply, UpdateResult
+from worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class Executor:
         max_attempts: int = 5,
         max_returning: int = 1000,
         backoff: Backoff = DATABASE_BACKOFF,
+        metrics: Metrics | None = None,
     ) -> None:
         self._sessions = async_sessionmaker(
             engine.execution_options(**{WRITES: True}), expire_on_commit=False, autoflush=False
@@ -65,6 +67,7 @@ class Executor:
         self._max_attempts = max_attempts
         self._max_returning = max_returning
         self._backoff = backoff
+        self._metrics = metrics or Metrics()
 
     async def execute(self, job: Job, plan: Plan) -> Reply:
         """Apply ``job``, or replay its stored reply when its id was already applied."""
@@ -85,6 +88,7 @@ class Executor:
                 if number >= self._max_attempts:
                     # Not final: the caller leaves the entry pending for a later delivery.
                     return attempt.failure(error)
+                self._metrics.retried(error.reason)
                 log.warning(
                     "job %s: %s (%s), attempt %d of %d; retrying",
                     job.id, error.reason, error.message, number, self._max_attempts,

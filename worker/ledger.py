@@ -14,7 +14,9 @@ from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+
+from worker.engine import WRITES
 
 LEDGER_TABLE: Final = "update_worker_ledger"
 #: PostgreSQL's default name for the table's primary key, spelled out so that every
@@ -161,6 +163,22 @@ def _lookup_in() -> sa.Select[Any]:
 @functools.cache
 def _insert_many(dialect: str) -> sa.Insert:
     return _insert_once(dialect).returning(ledger.c.job_id)
+
+
+async def prune(engine: AsyncEngine, *, older_than: dt.timedelta, batch: int = 5_000) -> int:
+    """Delete the rows of jobs finished more than ``older_than`` ago, ``batch`` rows per
+    transaction so no lock is held for long; how many went."""
+    cutoff = _now() - older_than
+    oldest = sa.select(ledger.c.job_id).where(ledger.c.finished_at < cutoff).limit(batch)
+    statement = sa.delete(ledger).where(ledger.c.job_id.in_(oldest.scalar_subquery()))
+    removed = 0
+    while True:
+        # BEGIN IMMEDIATE on SQLite, like the jobs: waits its turn instead of failing busy.
+        async with engine.execution_options(**{WRITES: True}).begin() as connection:
+            count = int((await connection.execute(statement)).rowcount)
+        removed += count
+        if count < batch:
+            return removed
 
 
 def _now() -> dt.datetime:

@@ -9,22 +9,19 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
-import signal
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from worker.compiler import Plan
-from worker.engine import Timeouts, create_engine
 from worker.errors import classify
 from worker.executor import Executor
 from worker.jobs import Job, Rejection, Reply
-from worker.ledger import ensure_ledger
+from worker.logs import FIELDS
+from worker.metrics import Metrics
 from worker.recovery import Recovery
-from worker.schema import Schema, build_schema, load_models, reflect_schema
-from worker.settings import Settings, mask_url
-from worker.streams import Entry, Names
-from worker.transport import Transport, connect
+from worker.schema import Schema
+from worker.settings import Settings
+from worker.streams import Entry
+from worker.transport import Transport
 from worker.units import Pace, Work, prepare, units
 
 log = logging.getLogger(__name__)
@@ -40,6 +37,7 @@ class Worker:
     schema: Schema
     recovery: Recovery
     pace: Pace
+    metrics: Metrics
 
     async def run(self, stop: asyncio.Event | None = None, *, burst: bool = False) -> None:
         """Serve jobs until ``stop`` is set; with ``burst``, until the stream has nothing new.
@@ -54,12 +52,15 @@ class Worker:
         renewing = asyncio.create_task(self.recovery.keep_claims(lambda: list(in_flight)))
         try:
             while not stop.is_set():
+                self.metrics.turned()
+                self.metrics.in_flight.set(len(in_flight))
                 # Read only when a transaction slot is free: what piled up meanwhile then
                 # fills whole groups, instead of trickling in one entry at a time.
                 free = self.settings.concurrency - len(tasks)
                 room = self.pace.window() - len(in_flight)
                 if free <= 0 or room <= 0:
-                    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    # A timeout, so the loop (and the liveness it reports) turns meanwhile.
+                    await asyncio.wait(tasks, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 count = min(self.settings.batch_size, room)
                 entries = await self._next(stop, count=count, burst=burst)
@@ -96,11 +97,14 @@ class Worker:
                 await self._answer(unit[0], slots)
             else:
                 async with slots:
+                    self.metrics.queued(_enqueued_ms(unit[0].entry))
                     replies = await self.executor.execute_group([_ready(work) for work in unit])
-                answers = zip(unit, replies, strict=True)
+                answers = list(zip(unit, replies, strict=True))
                 await self.transport.reply_many(
                     [(work.entry.id, reply, work.job.reply_to) for work, reply in answers]
                 )
+                for work, reply in answers:
+                    self._answered(work.entry, work.job, reply)
             self.pace.finished(len(unit))
         except Exception:
             log.exception(
@@ -116,22 +120,37 @@ class Worker:
             if work.exhausted:
                 await self.recovery.give_up(entry, job)
                 return
+            self.metrics.queued(_enqueued_ms(entry))
             if work.error is not None:
                 reply = await self.executor.reject(job, work.error)
             else:
                 reply = await self.executor.execute(*_ready(work))
         await self.transport.reply(entry.id, reply, channel=job.reply_to, ack=reply.final)
-        log.debug("job %s: %s rowcount=%d", reply.id, reply.status, reply.rowcount)
+        self._answered(entry, job, reply)
+
+    def _answered(self, entry: Entry, job: Job | Rejection, reply: Reply) -> None:
+        """Count the reply, and log it as one line with the job's fields."""
+        tables = [spec.table for spec in job.updates] if isinstance(job, Job) else []
+        self.metrics.answered(reply, tables)
+        if log.isEnabledFor(logging.INFO):
+            status = reply.status if reply.error is None else reply.error.code
+            fields = {"job_id": reply.id, "entry_id": entry.id, "table": ",".join(tables) or None,
+                      "status": status, "rowcount": reply.rowcount,
+                      "duration_ms": reply.duration_ms, "attempt": reply.attempts,
+                      "replayed": reply.replayed or None,
+                      "dry_run": reply.dry_run or None}  # fmt: skip
+            log.info("job %s: %s", reply.id, status, extra={FIELDS: fields})
 
     async def _reject(self, entry: Entry, rejection: Rejection) -> None:
         reply = Reply.failure(rejection.id, rejection.error, worker=self.settings.consumer)
         if rejection.dead_letter_reason is None:
             await self.transport.reply(entry.id, reply, channel=rejection.reply_to)
-            return
-        log.warning("entry %s: dead-lettered: %s", entry.id, rejection.dead_letter_reason)
-        await self.transport.dead_letter(
-            entry, reason=rejection.dead_letter_reason, reply=reply, channel=rejection.reply_to
-        )
+        else:
+            log.warning("entry %s: dead-lettered: %s", entry.id, rejection.dead_letter_reason)
+            await self.transport.dead_letter(
+                entry, reason=rejection.dead_letter_reason, reply=reply, channel=rejection.reply_to
+            )
+        self._answered(entry, rejection, reply)
 
     async def _next(self, stop: asyncio.Event, *, count: int, burst: bool) -> list[Entry] | None:
         """Entries others left behind when a claim is due, else new ones; None once stopped."""
@@ -185,6 +204,11 @@ class Worker:
             await asyncio.wait(late)
 
 
+def _enqueued_ms(entry: Entry) -> int:
+    """When the entry was added: the first part of its id, Redis's clock in milliseconds."""
+    return int(entry.id.split("-", 1)[0])
+
+
 def _ready(work: Work) -> tuple[Job, Plan]:
     assert isinstance(work.job, Job) and work.plan is not None  # noqa: PT018, S101 - compiled
     return work.job, work.plan
@@ -195,87 +219,3 @@ def _forget(
 ) -> None:
     for work in unit:
         in_flight.pop(work.entry.id, None)
-
-
-@contextlib.asynccontextmanager
-async def open_worker(settings: Settings) -> AsyncIterator[Worker]:
-    """Connect to the database and Redis, load the schema, and yield a ready Worker."""
-    timeouts = Timeouts(
-        statement_ms=settings.statement_timeout_ms,
-        lock_ms=settings.lock_timeout_ms,
-        idle_in_transaction_ms=settings.idle_in_transaction_timeout_ms,
-    )
-    engine = create_engine(settings.database_url, pool_size=settings.concurrency, timeouts=timeouts)
-    transport = Transport(
-        connect(settings.redis_url, block_ms=settings.block_ms),
-        Names(settings.prefix),
-        group=settings.group,
-        consumer=settings.consumer,
-        result_ttl=settings.result_ttl,
-        write_attempts=settings.max_attempts,
-    )
-    try:
-        async with engine.begin() as connection:
-            await ensure_ledger(connection)
-        narrowing = {
-            "tables": settings.tables,
-            "readonly_columns": settings.readonly_columns,
-            "writable_keys": settings.writable_keys,
-        }
-        if settings.models:
-            schema = build_schema(load_models(settings.models), **narrowing)
-        else:
-            schema = await reflect_schema(engine, **narrowing)
-        await transport.ensure_group()
-        executor = Executor(
-            engine,
-            worker=settings.consumer,
-            max_attempts=settings.max_attempts,
-            max_returning=settings.max_returning,
-        )
-        log.info(
-            "worker %s ready: %d table(s), database %s, redis %s, stream %s",
-            settings.consumer,
-            len(schema.tables),
-            mask_url(settings.database_url),
-            mask_url(settings.redis_url),
-            transport.names.stream,
-        )
-        recovery = Recovery(
-            transport=transport,
-            executor=executor,
-            worker=settings.consumer,
-            claim_idle_ms=settings.claim_idle_ms,
-        )
-        yield Worker(
-            settings=settings,
-            transport=transport,
-            executor=executor,
-            schema=schema,
-            recovery=recovery,
-            pace=Pace(
-                floor=2 * settings.concurrency,
-                ceiling=settings.concurrency * settings.group_size,
-            ),
-        )
-    finally:
-        await transport.aclose()
-        await engine.dispose()
-
-
-async def serve(settings: Settings, *, burst: bool = False) -> None:
-    """Run a worker until SIGTERM or SIGINT; a second signal exits at once."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            log.warning("second %s: exiting now", signal.Signals(signum).name)
-            os._exit(1)
-        log.info("%s: finishing in-flight jobs, then exiting", signal.Signals(signum).name)
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
-    async with open_worker(settings) as worker:
-        await worker.run(stop, burst=burst)

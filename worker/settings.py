@@ -6,7 +6,9 @@ A bad value, or an unknown ``WORKER_*`` name (a typo), stops start-up with one l
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import re
 import socket
 from collections.abc import Mapping
 from typing import Annotated, Any, Final, Literal
@@ -80,6 +82,12 @@ class Settings(BaseSettings):
         (), description="comma list of table.column keys that may be set"
     )
     models: str | None = Field(None, description="package.module:Base to use instead of reflection")
+    ledger_retention: str = Field(
+        "7d", description="ledger rows older than this are pruned (s, m, h, d, w); 0 keeps all"
+    )
+    metrics_port: int | None = Field(
+        None, ge=1, le=65_535, description="port of /metrics, /healthz and /readyz (off if unset)"
+    )
     log_format: Literal["text", "json"] = Field("text", description="text or json")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
@@ -88,6 +96,12 @@ class Settings(BaseSettings):
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @field_validator("ledger_retention")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
         return value
 
     @field_validator("redis_url")
@@ -155,6 +169,17 @@ def load_settings(environ: Mapping[str, str], flags: Mapping[str, Any] | None = 
         shown = mask_url(str(first["input"])) if isinstance(first["input"], str) else first["input"]
         message = first["msg"].removeprefix("Value error, ")
         raise SettingsError(f"{origin}: {message} (got {shown!r})") from None
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """``90s``, ``30m``, ``12h``, ``7d``, ``2w`` (or ``0``) -> a timedelta."""
+    match = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", text)
+    if match is None or (match[2] == "" and match[1] != "0"):
+        raise ValueError(f"{text!r} is not a duration like 90s, 30m, 12h, 7d or 2w")
+    return dt.timedelta(seconds=int(match[1]) * _UNIT_S[match[2] or "s"])
+
+
+_UNIT_S: Final = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 
 
 def flag_name(field: str) -> str:

@@ -18,6 +18,7 @@ from redis.exceptions import ResponseError
 
 from worker.errors import REDIS_BACKOFF, retry_transient
 from worker.jobs import Reply
+from worker.metrics import Metrics
 from worker.streams import Claim, Entry, Names
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Transport:
         consumer: str,
         result_ttl: int,
         write_attempts: int = 5,
+        metrics: Metrics | None = None,
     ) -> None:
         self.redis = redis
         self.names = names
@@ -70,6 +72,7 @@ class Transport:
         self._consumer = consumer
         self._result_ttl = result_ttl
         self._write_attempts = write_attempts
+        self._metrics = metrics or Metrics()
         self._claim_cursor = "0-0"
         self._renew = redis.register_script(_RENEW_SCRIPT)
 
@@ -224,6 +227,7 @@ class Transport:
             self._ack(pipe, entry.id)
 
         await self._write(commands, what=f"dead letter {entry.id}")
+        self._metrics.dead_letters.labels(reason).inc()
 
     async def drop_deleted(self, entry_ids: list[str]) -> None:
         """Ack entries whose data is gone, and leave a dead letter saying so for each."""
@@ -236,6 +240,7 @@ class Transport:
                 pipe.xadd(self.names.dead, self._letter(entry_id, "entry_deleted"))
 
         await self._write(commands, what="drop deleted entries")
+        self._metrics.dead_letters.labels("entry_deleted").inc(len(entry_ids))
 
     async def _write(self, commands: Callable[[Pipeline], None], *, what: str) -> None:
         """Run ``commands`` in one MULTI, again after a reconnect if Redis went away.
@@ -250,7 +255,8 @@ class Transport:
                 commands(pipe)
                 await pipe.execute()
 
-        await retry_transient(once, attempts=self._write_attempts, backoff=REDIS_BACKOFF, what=what)
+        await retry_transient(once, attempts=self._write_attempts, backoff=REDIS_BACKOFF, what=what,
+                              retried=self._metrics.retried)  # fmt: skip
 
     def _letter(self, entry_id: str, reason: str) -> dict[Any, Any]:
         return {

@@ -1,0 +1,196 @@
+"""The operator's commands (DESIGN.md §8): check, stats, dead, ledger prune, submit -f.
+
+Each handler takes the settings and the parsed arguments and returns the exit code; what it
+prints goes to stdout, problems to stderr, always with passwords masked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from redis.asyncio import Redis
+from rich.console import Console
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from worker import admin, deadletters, ledger
+from worker.client import UpdateClient
+from worker.engine import create_engine
+from worker.logs import mask_secrets
+from worker.settings import Settings, mask_url, parse_duration
+from worker.streams import Names
+from worker.submitfile import Totals, submit_lines
+from worker.transport import connect
+
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+@contextlib.asynccontextmanager
+async def _services(settings: Settings) -> AsyncIterator[tuple[Redis, AsyncEngine]]:
+    redis = connect(settings.redis_url)
+    engine = create_engine(settings.database_url, pool_size=1)
+    try:
+        yield redis, engine
+    finally:
+        await redis.aclose()
+        await engine.dispose()
+
+
+def check(settings: Settings, _args: argparse.Namespace) -> int:
+    async def problems() -> list[str]:
+        async with _services(settings) as (redis, engine):
+            names = Names(settings.prefix)
+            return await admin.setup(redis, engine, names, settings.group, deadline_s=5.0)
+
+    found = asyncio.run(problems())
+    for problem in found:
+        print(mask_secrets(problem), file=sys.stderr)
+    if found:
+        return EXIT_FAILED
+    print(f"ok: redis {mask_url(settings.redis_url)}, database {mask_url(settings.database_url)}, "
+          f"group {settings.group!r}, ledger")  # fmt: skip
+    return EXIT_OK
+
+
+def stats(settings: Settings, args: argparse.Namespace) -> int:
+    async def show() -> None:
+        names = Names(settings.prefix)
+        redis = connect(settings.redis_url)
+        try:
+            before = await admin.snapshot(redis, names, settings.group)
+            await asyncio.sleep(min(args.interval, 1.0))
+            now = await admin.snapshot(redis, names, settings.group)
+            if not args.watch:
+                Console().print(_stats_table(settings, now, now.rate(before)))
+                return
+            with Live(_stats_table(settings, now, now.rate(before)), auto_refresh=False) as live:
+                while True:
+                    await asyncio.sleep(args.interval)
+                    before, now = now, await admin.snapshot(redis, names, settings.group)
+                    live.update(_stats_table(settings, now, now.rate(before)), refresh=True)
+        finally:
+            await redis.aclose()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(show())
+    return EXIT_OK
+
+
+def _stats_table(settings: Settings, snapshot: admin.Snapshot, rate: float) -> Table:
+    oldest = snapshot.oldest_pending_age_s
+    title = f"update-worker: stream {Names(settings.prefix).stream}, group {settings.group}"
+    table = Table(show_header=False, title=title, title_justify="left")
+    table.add_column("")
+    table.add_column("", justify="right")
+    for label, value in (
+        ("stream length", f"{snapshot.stream_length:,}"),
+        ("pending", f"{snapshot.pending:,}"),
+        ("oldest pending", "-" if oldest is None else f"{oldest:.1f} s"),
+        ("dead letters", f"{snapshot.dead_letters:,}"),
+        ("jobs/s", f"{rate:,.1f}"),
+        ("consumers", str(len(snapshot.consumers))),
+    ):
+        table.add_row(label, value)
+    for consumer in snapshot.consumers:
+        table.add_row(f"  {consumer.name}", f"{consumer.pending:,} pending, "
+                      f"idle {consumer.idle_s:.1f} s")  # fmt: skip
+    return table
+
+
+def dead(settings: Settings, args: argparse.Namespace) -> int:
+    return asyncio.run(_dead(settings, args))
+
+
+async def _dead(settings: Settings, args: argparse.Namespace) -> int:
+    names = Names(settings.prefix)
+    redis = connect(settings.redis_url)
+    try:
+        if args.action == "show":
+            letter = await deadletters.find(redis, names, args.letter_id)
+            if letter is None:
+                print(f"no dead letter {args.letter_id}", file=sys.stderr)
+                return EXIT_FAILED
+            print(json.dumps({"id": letter.id, **letter.fields}, indent=2, ensure_ascii=False))
+            return EXIT_OK
+        older = parse_duration(args.older_than).total_seconds() if args.older_than else None
+        chosen = [
+            letter
+            async for letter in deadletters.letters(redis, names)
+            if deadletters.matches(letter, reason=args.reason, older_than_s=older)
+            and (not getattr(args, "letter_ids", None) or letter.id in args.letter_ids)
+        ]
+        if args.action == "list":
+            table = Table("letter", "failed at (ms)", "reason", "job id", "error")
+            for letter in chosen[: args.limit]:
+                table.add_row(letter.id, str(letter.failed_at_ms), letter.reason, letter.job_id,
+                              letter.error[:80])  # fmt: skip
+            Console().print(table)
+            print(f"{len(chosen)} dead letter(s)" + (" shown" if len(chosen) <= args.limit else
+                  f", first {args.limit} shown"))  # fmt: skip
+            return EXIT_OK
+        if not (args.all or args.reason or args.older_than or getattr(args, "letter_ids", None)):
+            print(f"dead {args.action}: name letters, or choose with --reason, --older-than "
+                  "or --all", file=sys.stderr)  # fmt: skip
+            return EXIT_FAILED
+        if args.action == "purge":
+            print(f"purged {await deadletters.purge(redis, names, chosen)} dead letter(s)")
+            return EXIT_OK
+        replayable = [letter for letter in chosen if letter.replayable()]
+        for letter, entry_id in await deadletters.replay(redis, names, replayable):
+            print(f"replayed {letter.id} as entry {entry_id} (job {letter.job_id})")
+        if skipped := len(chosen) - len(replayable):
+            print(f"{skipped} letter(s) carry no job to replay (kept)", file=sys.stderr)
+        return EXIT_OK
+    finally:
+        await redis.aclose()
+
+
+def prune_ledger(settings: Settings, args: argparse.Namespace) -> int:
+    older_than = parse_duration(args.older_than or settings.ledger_retention)
+    if not older_than:
+        print("ledger prune: --older-than must be more than 0", file=sys.stderr)
+        return EXIT_FAILED
+
+    async def prune() -> int:
+        async with _services(settings) as (_redis, engine):
+            return await ledger.prune(engine, older_than=older_than)
+
+    print(f"pruned {asyncio.run(prune()):,} ledger row(s) older than {older_than}")
+    return EXIT_OK
+
+
+def submit_file(settings: Settings, args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    lines = (sys.stdin if args.file == "-" else path.open(encoding="utf-8")).read().splitlines()
+
+    async def send() -> Totals:
+        async with UpdateClient(settings.redis_url, prefix=settings.prefix) as client:
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn())  # fmt: skip
+            with Progress(*columns, console=Console(stderr=True)) as progress:
+                task = progress.add_task("jobs", total=len(lines))
+                return await submit_lines(client, lines, in_flight=args.in_flight,
+                                          wait=not args.no_wait, timeout=args.timeout,
+                                          advance=lambda: progress.advance(task))  # fmt: skip
+
+    totals = asyncio.run(send())
+    if args.no_wait:
+        print(f"enqueued {totals.sent:,} job(s); not waiting for replies")
+    else:
+        statuses = ", ".join(
+            f"{count:,} {status}" for status, count in sorted(totals.statuses.items())
+        )
+        print(f"{totals.sent:,} job(s) sent, {totals.unsent:,} line(s) not sent: {statuses}")
+    for code, count in totals.codes.most_common():
+        print(f"  {code:<22}{count:>8,}")
+    for line, job_id, code, message in totals.failures:
+        print(f"line {line}: {job_id or '-'}: {code}: {message}", file=sys.stderr)
+    return EXIT_FAILED if totals.failed else EXIT_OK

@@ -1,0 +1,159 @@
+"""Start-up and shutdown: connect, load the schema, build a :class:`Worker`, serve the metrics
+endpoints when asked, and run until a signal (DESIGN.md §8: ``update-worker run``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import random
+import signal
+from collections.abc import AsyncIterator
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from worker import admin, ledger
+from worker.engine import Timeouts, create_engine
+from worker.errors import classify
+from worker.executor import Executor
+from worker.ledger import ensure_ledger
+from worker.metrics import Metrics, Probes, serve_http
+from worker.recovery import Recovery
+from worker.schema import build_schema, load_models, reflect_schema
+from worker.service import Worker
+from worker.settings import Settings, mask_url, parse_duration
+from worker.streams import Names
+from worker.transport import Transport, connect
+from worker.units import Pace
+
+log = logging.getLogger(__name__)
+
+_PRUNE_EVERY_S = 3600.0
+
+
+@contextlib.asynccontextmanager
+async def open_worker(settings: Settings) -> AsyncIterator[Worker]:
+    """Connect to the database and Redis, load the schema, and yield a ready Worker."""
+    timeouts = Timeouts(
+        statement_ms=settings.statement_timeout_ms,
+        lock_ms=settings.lock_timeout_ms,
+        idle_in_transaction_ms=settings.idle_in_transaction_timeout_ms,
+    )
+    engine = create_engine(settings.database_url, pool_size=settings.concurrency, timeouts=timeouts)
+    metrics = Metrics()
+    transport = Transport(
+        connect(settings.redis_url, block_ms=settings.block_ms),
+        Names(settings.prefix),
+        group=settings.group,
+        consumer=settings.consumer,
+        result_ttl=settings.result_ttl,
+        write_attempts=settings.max_attempts,
+        metrics=metrics,
+    )
+    endpoints: asyncio.Server | None = None
+    pruning: asyncio.Task[None] | None = None
+    try:
+        async with engine.begin() as connection:
+            await ensure_ledger(connection)
+        narrowing = {
+            "tables": settings.tables,
+            "readonly_columns": settings.readonly_columns,
+            "writable_keys": settings.writable_keys,
+        }
+        if settings.models:
+            schema = build_schema(load_models(settings.models), **narrowing)
+        else:
+            schema = await reflect_schema(engine, **narrowing)
+        await transport.ensure_group()
+        executor = Executor(
+            engine,
+            worker=settings.consumer,
+            max_attempts=settings.max_attempts,
+            max_returning=settings.max_returning,
+            metrics=metrics,
+        )
+        log.info(
+            "worker %s ready: %d table(s), database %s, redis %s, stream %s",
+            settings.consumer,
+            len(schema.tables),
+            mask_url(settings.database_url),
+            mask_url(settings.redis_url),
+            transport.names.stream,
+        )
+        recovery = Recovery(
+            transport=transport,
+            executor=executor,
+            worker=settings.consumer,
+            claim_idle_ms=settings.claim_idle_ms,
+        )
+        if settings.metrics_port is not None:
+            endpoints = await serve_http(
+                settings.metrics_port, metrics, _probes(settings, engine, transport)
+            )
+            log.info("metrics on :%d (/metrics, /healthz, /readyz)", settings.metrics_port)
+        retention = parse_duration(settings.ledger_retention)
+        if retention:
+            pruning = asyncio.create_task(_prune_ledger(engine, retention), name="ledger prune")
+        yield Worker(
+            settings=settings,
+            transport=transport,
+            executor=executor,
+            schema=schema,
+            recovery=recovery,
+            pace=Pace(
+                floor=2 * settings.concurrency,
+                ceiling=settings.concurrency * settings.group_size,
+            ),
+            metrics=metrics,
+        )
+    finally:
+        if pruning is not None:
+            pruning.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pruning
+        if endpoints is not None:
+            endpoints.close()
+        await transport.aclose()
+        await engine.dispose()
+
+
+async def _prune_ledger(engine: AsyncEngine, retention: dt.timedelta) -> None:
+    """Every hour or so (jittered, so a fleet does not prune in step), drop ledger rows older
+    than the retention: the ledger must not grow forever."""
+    while True:
+        await asyncio.sleep(random.uniform(0.5, 1.0) * _PRUNE_EVERY_S)  # noqa: S311 - jitter
+        try:
+            if removed := await ledger.prune(engine, older_than=retention):
+                log.info("ledger: pruned %d row(s) older than %s", removed, retention)
+        except Exception as error:  # noqa: BLE001 - logged; the next round tries again
+            log.warning("ledger: pruning failed: %s", classify(error).message)
+
+
+def _probes(settings: Settings, engine: AsyncEngine, transport: Transport) -> Probes:
+    names, group = transport.names, settings.group
+    return Probes(
+        problems=lambda: admin.reachability(transport.redis, engine, deadline_s=1.5),
+        backlog=lambda: admin.backlog(transport.redis, names, group),
+        # The loop turns at least once per read (at most block_ms) or per second of waiting.
+        liveness_s=max(10.0, 3 * settings.block_ms / 1000),
+    )
+
+
+async def serve(settings: Settings, *, burst: bool = False) -> None:
+    """Run a worker until SIGTERM or SIGINT; a second signal exits at once."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s: finishing in-flight jobs, then exiting", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    async with open_worker(settings) as worker:
+        await worker.run(stop, burst=burst)
