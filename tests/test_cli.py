@@ -147,9 +147,8 @@ def test_help_masks_passwords() -> None:
     assert "hunter2" not in result.stdout
 
 
-def test_check_passes_on_live_services_and_names_what_is_down(database_url: str) -> None:
-    live = run_cli("check", WORKER_REDIS_URL=REDIS_URL, WORKER_DATABASE_URL=database_url)
-    assert live.returncode == 0, live.stderr
+def test_check_names_each_service_that_is_down() -> None:
+    # A live stack passing: tests/test_operate.py, which has a worker create the group first.
     dead = run_cli(
         "check",
         WORKER_REDIS_URL=f"redis://:hunter2@127.0.0.1:{free_port()}/0",
@@ -176,18 +175,3 @@ def test_demo_starts_its_own_redis_when_none_answers() -> None:
     assert result.returncode == 0, result.stderr
     assert "started redis-server on port" in result.stdout
     assert result.stdout.count("(expected") == 2
-
-
-def test_compose_file_is_valid() -> None:
-    compose = shutil.which("docker-compose")
-    assert compose, (
-        "docker-compose is needed to validate docker-compose.yml (apt-get install docker-compose)"
-    )
-    result = subprocess.run(
-        [compose, "config", "--quiet"], cwd=ROOT, capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    services = subprocess.run(
-        [compose, "config", "--services"], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    assert set(services.stdout.split()) == {"redis", "postgres", "seed", "worker", "producer"}

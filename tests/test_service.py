@@ -150,7 +150,9 @@ async def test_garbage_goes_to_the_dead_letter_stream_and_the_worker_carries_on(
     dead: dict[str, Any] = {text(fields[b"entry_id"]): fields for _, fields in letters}
     assert set(dead) == {entry_id, no_field}  # the parsable-but-invalid job is replied, not dead
     assert dead[entry_id][b"job"] == b"\x00not json{"
-    assert b"not JSON" in dead[entry_id][b"reason"]
+    assert dead[entry_id][b"reason"] == b"unparsable"
+    assert dead[entry_id][b"error_code"] == b"invalid_job"
+    assert b"not JSON" in dead[entry_id][b"error"]
     assert json.loads(dead[no_field][b"fields"]) == {"payload": "x"}
     assert (await redis.xpending(f"{prefix}:jobs", "update-workers"))["pending"] == 0
     async with UpdateClient(REDIS_URL, prefix=prefix) as client:

@@ -26,6 +26,9 @@ from worker.units import Pace, Work, prepare, units
 
 log = logging.getLogger(__name__)
 
+#: The dead-letter reason of an entry that is no job at all (see jobs.parse_entry).
+UNPARSABLE = "unparsable"
+
 _READ_RETRY_S = 1.0
 
 
@@ -49,11 +52,11 @@ class Worker:
         in_flight: dict[str, asyncio.Task[None]] = {}  # entry id -> the task answering it
         tasks: set[asyncio.Task[None]] = set()
         slots = asyncio.Semaphore(self.settings.concurrency)  # transactions at once
+        self.metrics.in_flight.set_function(lambda: len(in_flight))  # read at scrape time
         renewing = asyncio.create_task(self.recovery.keep_claims(lambda: list(in_flight)))
         try:
             while not stop.is_set():
                 self.metrics.turned()
-                self.metrics.in_flight.set(len(in_flight))
                 # Read only when a transaction slot is free: what piled up meanwhile then
                 # fills whole groups, instead of trickling in one entry at a time.
                 free = self.settings.concurrency - len(tasks)
@@ -147,8 +150,10 @@ class Worker:
             await self.transport.reply(entry.id, reply, channel=rejection.reply_to)
         else:
             log.warning("entry %s: dead-lettered: %s", entry.id, rejection.dead_letter_reason)
+            # ``reason`` is a code (also a metrics label); the message goes beside it.
+            details = {"error_code": rejection.error.code, "error": rejection.dead_letter_reason}
             await self.transport.dead_letter(
-                entry, reason=rejection.dead_letter_reason, reply=reply, channel=rejection.reply_to
+                entry, reason=UNPARSABLE, reply=reply, channel=rejection.reply_to, details=details
             )
         self._answered(entry, rejection, reply)
 
