@@ -304,3 +304,18 @@ async def test_stats_shows_backlog_pending_consumers_and_dead_letters(
     assert rows["consumers"] == "1"
     assert rows["busy-consumer"].startswith("2 pending")
     assert rows["oldest pending"].endswith(" s")
+
+
+async def test_nested_commands_take_settings_flags_and_refuse_a_bad_duration(
+    redis: Redis, prefix: str
+) -> None:
+    await redis.xadd(f"{prefix}:dead", {"reason": "max_deliveries", "entry_id": "1-0", "job": "{}"})
+    listed = await cli("dead", "list", "--prefix", prefix, "--redis-url", REDIS_URL)
+    assert "1 dead letter(s) shown" in listed.stdout, listed.stderr
+    before = await cli("dead", "--prefix", prefix, "list", "--redis-url", REDIS_URL)
+    assert "1 dead letter(s) shown" in before.stdout, before.stderr
+    bad = await cli(
+        "dead", "purge", "--older-than", "7x", "--prefix", prefix, "--redis-url", REDIS_URL
+    )
+    assert (bad.returncode, "--older-than" in bad.stderr) == (2, True)
+    assert await redis.xlen(f"{prefix}:dead") == 1

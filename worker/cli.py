@@ -145,9 +145,10 @@ def _parser() -> argparse.ArgumentParser:
         default = info.get_default(call_default_factory=False)
         shown = mask_url(default) if isinstance(default, str) else default
         hint = f"{info.description} (env WORKER_{name.upper()}, default: {shown})"
-        group.add_argument(
-            flag_name(name), dest=name, metavar="VALUE", help=hint.replace("%", "%%")
-        )
+        # SUPPRESS: a flag not given leaves no attribute, so a nested command (``dead purge``)
+        # never overwrites one given before it (``dead --prefix x purge``).
+        group.add_argument(flag_name(name), dest=name, metavar="VALUE", default=argparse.SUPPRESS,
+                           help=hint.replace("%", "%%"))  # fmt: skip
 
     parser = argparse.ArgumentParser(
         prog="update-worker", description="Runs UPDATE jobs from a Redis stream."
@@ -203,7 +204,7 @@ def _parser() -> argparse.ArgumentParser:
         ("replay", "put jobs back on the job stream, under their own ids"),
         ("purge", "delete dead letters"),
     ):
-        sub = actions.add_parser(action, help=text, description=text)
+        sub = actions.add_parser(action, parents=[settings_flags], help=text, description=text)
         if action != "list":
             sub.add_argument("letter_ids", nargs="*", metavar="LETTER_ID")
             sub.add_argument("--all", action="store_true", help="every dead letter")
@@ -211,12 +212,13 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--older-than", metavar="DURATION", help="only letters older, e.g. 7d")
         if action == "list":
             sub.add_argument("--limit", type=int, default=50)
-    show = actions.add_parser("show", help="one dead letter in full")
+    show = actions.add_parser("show", parents=[settings_flags], help="one dead letter in full")
     show.add_argument("letter_id")
 
     ledger = command("ledger", commands.prune_ledger, "ledger housekeeping")
     ledger_actions = ledger.add_subparsers(dest="action", required=True)
-    prune = ledger_actions.add_parser("prune", help="delete ledger rows of jobs finished long ago")
+    text = "delete ledger rows of jobs finished long ago"
+    prune = ledger_actions.add_parser("prune", parents=[settings_flags], help=text)
     prune.add_argument("--older-than", metavar="DURATION",
                        help="e.g. 7d (default: WORKER_LEDGER_RETENTION)")  # fmt: skip
     command("demo", _demo, "run the seed scenario end to end on SQLite")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import sys
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from worker import admin, deadletters, ledger
 from worker.client import UpdateClient
 from worker.engine import create_engine
+from worker.errors import SettingsError
 from worker.logs import mask_secrets
 from worker.settings import Settings, mask_url, parse_duration
 from worker.streams import Names
@@ -120,7 +122,7 @@ async def _dead(settings: Settings, args: argparse.Namespace) -> int:
                 return EXIT_FAILED
             print(json.dumps({"id": letter.id, **letter.fields}, indent=2, ensure_ascii=False))
             return EXIT_OK
-        older = parse_duration(args.older_than).total_seconds() if args.older_than else None
+        older = _duration(args.older_than).total_seconds() if args.older_than else None
         chosen = [
             letter
             async for letter in deadletters.letters(redis, names)
@@ -154,7 +156,7 @@ async def _dead(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def prune_ledger(settings: Settings, args: argparse.Namespace) -> int:
-    older_than = parse_duration(args.older_than or settings.ledger_retention)
+    older_than = _duration(args.older_than or settings.ledger_retention)
     if not older_than:
         print("ledger prune: --older-than must be more than 0", file=sys.stderr)
         return EXIT_FAILED
@@ -165,6 +167,13 @@ def prune_ledger(settings: Settings, args: argparse.Namespace) -> int:
 
     print(f"pruned {asyncio.run(prune()):,} ledger row(s) older than {older_than}")
     return EXIT_OK
+
+
+def _duration(text: str) -> dt.timedelta:
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise SettingsError(f"--older-than: {error}") from None
 
 
 def submit_file(settings: Settings, args: argparse.Namespace) -> int:

@@ -100,7 +100,8 @@ class Worker:
                 await self._answer(unit[0], slots)
             else:
                 async with slots:
-                    self.metrics.queued(_enqueued_ms(unit[0].entry))
+                    for work in unit:
+                        self.metrics.queued(_enqueued_ms(work.entry))
                     replies = await self.executor.execute_group([_ready(work) for work in unit])
                 answers = list(zip(unit, replies, strict=True))
                 await self.transport.reply_many(
