@@ -18,7 +18,7 @@ from sqlalchemy.types import TypeDecorator
 
 from worker.errors import ExpectationFailed, InvalidJob, MissingFilter, WorkerError
 from worker.filters import AllOf, Compare, Filter, Negate
-from worker.jobs import Job, UpdateResult, UpdateSpec
+from worker.jobs import Expect, Job, UpdateResult, UpdateSpec
 from worker.schema import Schema, TableRules
 from worker.values import coerce, to_json
 
@@ -76,16 +76,26 @@ class Statement:
 
 
 @dataclass(frozen=True, slots=True)
+class Policy:
+    """Deployment-wide rules on top of each job's own (DESIGN.md §6)."""
+
+    #: ``WORKER_MAX_ROWS_DEFAULT``: the ``expect.max_rows`` of a job that sets no cap itself.
+    max_rows_default: int | None = None
+    #: ``WORKER_ALLOW_ALL``: whether ``"all": true`` (no filter at all) is accepted.
+    allow_all: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     statements: tuple[Statement, ...]
 
 
-def compile_job(job: Job, schema: Schema) -> Plan:
+def compile_job(job: Job, schema: Schema, policy: Policy = Policy()) -> Plan:
     """Compile every update of ``job``; a batch's errors name the failing update."""
     statements = []
     for index, spec in enumerate(job.updates):
         try:
-            statements.append(compile_update(spec, schema))
+            statements.append(compile_update(spec, schema, policy))
         except WorkerError as error:
             if job.batch:
                 error.message = f"updates[{index}]: {error.message}"
@@ -94,8 +104,13 @@ def compile_job(job: Job, schema: Schema) -> Plan:
     return Plan(tuple(statements))
 
 
-def compile_update(spec: UpdateSpec, schema: Schema) -> Statement:
+def compile_update(spec: UpdateSpec, schema: Schema, policy: Policy = Policy()) -> Statement:
     rules = schema.rules(spec.table)
+    if spec.all_rows and not policy.allow_all:
+        raise MissingFilter(
+            f"`all: true` is refused here (WORKER_ALLOW_ALL=false): give `{spec.table}` a "
+            "`where` or a `key`"
+        )
     sets = {name: coerce(rules.writable_column(name), value) for name, value in spec.values.items()}
     incs = {}
     for name, amount in spec.inc.items():
@@ -109,7 +124,7 @@ def compile_update(spec: UpdateSpec, schema: Schema) -> Statement:
     for name in returning:
         rules.column(name)
 
-    guards = _guards(spec)
+    guards = _guards(spec, policy)
     if spec.key is not None:
         key = _key_values(spec.key, rules)
         keys = rules.primary_key
@@ -197,11 +212,12 @@ def key_update(
     return sa.update(table).values(assignments).where(condition)
 
 
-def _guards(spec: UpdateSpec) -> Guards:
-    expect = spec.expect
-    if expect is None:
-        return Guards()
-    return Guards(rows=expect.rows, min_rows=expect.min_rows, max_rows=expect.max_rows)
+def _guards(spec: UpdateSpec, policy: Policy) -> Guards:
+    expect = spec.expect or Expect()
+    max_rows = expect.max_rows
+    if max_rows is None and expect.rows is None:  # a job with no cap of its own
+        max_rows = policy.max_rows_default
+    return Guards(rows=expect.rows, min_rows=expect.min_rows, max_rows=max_rows)
 
 
 def _key_values(key: dict[str, Any], rules: TableRules) -> dict[str, Any]:
@@ -251,7 +267,8 @@ def _compare(column: sa.Column[Any], node: Compare) -> ColumnElement[bool]:
             "ilike": column.ilike,
             "nilike": column.not_ilike,
         }[op](value)
-    bound = coerce(column, value)
+    # An explicit bound parameter: `column == False` alone would render the constant `false`.
+    bound = sa.bindparam(None, coerce(column, value), type_=column.type)
     comparisons = {
         "eq": column.__eq__,
         "neq": column.__ne__,
@@ -269,7 +286,8 @@ def _base_type(column: sa.Column[Any]) -> sa.types.TypeEngine[Any]:
 
 
 def _is_numeric(column: sa.Column[Any]) -> bool:
-    return isinstance(_base_type(column), sa.Integer | sa.Numeric)
+    # Float is no Numeric subclass in SQLAlchemy 2.1 (they share NumericCommon): name all three.
+    return isinstance(_base_type(column), sa.Integer | sa.Numeric | sa.Float)
 
 
 def _is_text(column: sa.Column[Any]) -> bool:

@@ -32,6 +32,8 @@ from worker.errors import InvalidJob, WorkerError
 from worker.filters import FILTER_JSON_SCHEMA, Filter, parse_where
 
 MAX_UPDATES_PER_BATCH: Final = 100
+#: Columns one update may name in `set` and `inc` together, and in `returning`.
+MAX_COLUMNS_PER_UPDATE: Final = 256
 ID_PATTERN: Final = r"^[A-Za-z0-9._:@/-]{1,200}$"
 # Channels may also carry {hash tags} so Redis Cluster keeps a prefix in one slot.
 CHANNEL_PATTERN: Final = r"^[A-Za-z0-9._:@/{}-]{1,200}$"
@@ -78,6 +80,11 @@ class UpdateSpec(_Strict):
     def _check_shape(self) -> Self:
         if not self.values and not self.inc:
             raise ValueError("at least one of `set` and `inc` is required")
+        for field, count in (("`set` and `inc`", len(self.values) + len(self.inc)),
+                             ("`returning`", len(self.returning))):  # fmt: skip
+            if count > MAX_COLUMNS_PER_UPDATE:
+                raise ValueError(f"{field} name {count} columns, over the limit of "
+                                 f"{MAX_COLUMNS_PER_UPDATE} per update")  # fmt: skip
         if both := sorted(self.values.keys() & self.inc.keys()):
             raise ValueError(f"column(s) {', '.join(both)} appear in both `set` and `inc`")
         if self.all_rows and (self.where is not None or self.key is not None):

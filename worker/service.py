@@ -11,7 +11,7 @@ import functools
 import logging
 from dataclasses import dataclass
 
-from worker.compiler import Plan
+from worker.compiler import Plan, Policy
 from worker.errors import classify
 from worker.executor import Executor
 from worker.jobs import Job, Rejection, Reply
@@ -89,8 +89,9 @@ class Worker:
 
     def _prepare(self, entry: Entry) -> Work:
         settings = self.settings
+        policy = Policy(max_rows_default=settings.max_rows_default, allow_all=settings.allow_all)
         return prepare(entry, schema=self.schema, max_job_bytes=settings.max_job_bytes,
-                       max_deliveries=settings.max_deliveries)  # fmt: skip
+                       max_deliveries=settings.max_deliveries, policy=policy)  # fmt: skip
 
     async def handle(self, unit: list[Work], slots: asyncio.Semaphore) -> None:
         """Answer a unit: one entry, or a group sharing a transaction. Never raises: the

@@ -82,6 +82,10 @@ class Settings(BaseSettings):
         (), description="comma list of table.column keys that may be set"
     )
     models: str | None = Field(None, description="package.module:Base to use instead of reflection")
+    max_rows_default: int | None = Field(
+        None, ge=0, description="expect.max_rows of every job that sets no cap of its own"
+    )
+    allow_all: bool = Field(True, description='whether `"all": true` (no filter) is accepted')
     ledger_retention: str = Field(
         "7d", description="ledger rows older than this are pruned (s, m, h, d, w); 0 keeps all"
     )

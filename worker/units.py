@@ -12,7 +12,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from worker.compiler import Plan, compile_job
+from worker.compiler import Plan, Policy, compile_job
 from worker.errors import WorkerError
 from worker.executor import groupable
 from worker.jobs import Job, Rejection, parse_entry
@@ -42,14 +42,21 @@ class Work:
         )
 
 
-def prepare(entry: Entry, *, schema: Schema, max_job_bytes: int, max_deliveries: int) -> Work:
+def prepare(
+    entry: Entry,
+    *,
+    schema: Schema,
+    max_job_bytes: int,
+    max_deliveries: int,
+    policy: Policy = Policy(),  # noqa: B008 - frozen
+) -> Work:
     """Parse and compile one entry."""
     parsed = parse_entry(entry.fields, entry_id=entry.id, max_job_bytes=max_job_bytes)
     exhausted = entry.deliveries > max_deliveries
     if isinstance(parsed, Rejection) or exhausted:
         return Work(entry, parsed, exhausted=exhausted)
     try:
-        return Work(entry, parsed, plan=compile_job(parsed, schema))
+        return Work(entry, parsed, plan=compile_job(parsed, schema, policy))
     except WorkerError as error:
         return Work(entry, parsed, error=error)
 
