@@ -21,10 +21,11 @@ from tests.test_service import text
 from worker.engine import Timeouts, create_engine
 from worker.errors import Unavailable
 from worker.jobs import Reply
+from worker.redis_client import connect
 from worker.settings import Settings
 from worker.startup import open_worker
 from worker.streams import Names
-from worker.transport import Transport, connect
+from worker.transport import Transport
 
 GROUP = "update-workers"
 

@@ -16,8 +16,9 @@ from tests.conftest import REDIS_URL, WorkerFactory
 from tests.model_app import FIXED_NOW, Base
 from worker.client import UpdateClient
 from worker.jobs import Reply
+from worker.redis_client import connect
 from worker.streams import Names
-from worker.transport import Transport, connect
+from worker.transport import Transport
 
 
 def text(value: bytes | str) -> str:

@@ -31,10 +31,16 @@ _POLL_MAX_S = 0.5
 
 class UpdateClient:
     def __init__(
-        self, redis: Redis | str = "redis://localhost:6379/0", *, prefix: str = "updates"
+        self,
+        redis: Redis | str = "redis://localhost:6379/0",
+        *,
+        prefix: str = "updates",
+        owns_redis: bool | None = None,
     ) -> None:
+        """``redis``: a URL, or a client, which :meth:`aclose` closes only if ``owns_redis``
+        (by default, only a client made here from a URL)."""
         self._redis = Redis.from_url(redis) if isinstance(redis, str) else redis
-        self._owns_redis = isinstance(redis, str)
+        self._owns_redis = isinstance(redis, str) if owns_redis is None else owns_redis
         self.names = Names(prefix)
         self.channel = f"{prefix}:replies:{uuid.uuid4().hex}"
         self._waiting: dict[str, asyncio.Future[Reply]] = {}

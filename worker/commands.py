@@ -30,14 +30,13 @@ from worker.logs import mask_secrets
 from worker.settings import Settings, mask_url, parse_duration
 from worker.streams import Names
 from worker.submitfile import Totals, submit_lines
-from worker.transport import connect
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
 
 @contextlib.asynccontextmanager
 async def _services(settings: Settings) -> AsyncIterator[tuple[Redis, AsyncEngine]]:
-    redis = connect(settings.redis_url)
+    redis = settings.redis()
     engine = create_engine(settings.database_url, pool_size=1)
     try:
         yield redis, engine
@@ -65,7 +64,7 @@ def check(settings: Settings, _args: argparse.Namespace) -> int:
 def stats(settings: Settings, args: argparse.Namespace) -> int:
     async def show() -> None:
         names = Names(settings.prefix)
-        redis = connect(settings.redis_url)
+        redis = settings.redis()
         try:
             before = await admin.snapshot(redis, names, settings.group)
             await asyncio.sleep(min(args.interval, 1.0))
@@ -113,7 +112,7 @@ def dead(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _dead(settings: Settings, args: argparse.Namespace) -> int:
     names = Names(settings.prefix)
-    redis = connect(settings.redis_url)
+    redis = settings.redis()
     try:
         if args.action == "show":
             letter = await deadletters.find(redis, names, args.letter_id)
@@ -181,7 +180,7 @@ def submit_file(settings: Settings, args: argparse.Namespace) -> int:
     lines = (sys.stdin if args.file == "-" else path.open(encoding="utf-8")).read().splitlines()
 
     async def send() -> Totals:
-        async with UpdateClient(settings.redis_url, prefix=settings.prefix) as client:
+        async with UpdateClient(settings.redis(), prefix=settings.prefix) as client:
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TimeElapsedColumn())  # fmt: skip
             with Progress(*columns, console=Console(stderr=True)) as progress:

@@ -65,7 +65,9 @@ def build_schema(
         table.fullname: table for table in metadata.tables.values() if table.name != LEDGER_TABLE
     }
     if missing := sorted(set(tables) - available.keys()):
-        raise SettingsError(f"WORKER_TABLES: no such table: {', '.join(missing)}")
+        raise SettingsError(
+            f"WORKER_TABLES: no such table (or none the role may UPDATE): {', '.join(missing)}"
+        )
     chosen = {name: available[name] for name in (tables or sorted(available))}
     readonly = _qualified_columns("WORKER_READONLY_COLUMNS", readonly_columns, available)
     keys = _qualified_columns("WORKER_WRITABLE_KEYS", writable_keys, available)
@@ -73,15 +75,34 @@ def build_schema(
 
 
 async def reflect_schema(engine: AsyncEngine, **narrowing: Sequence[str]) -> Schema:
-    """Reflect the database's default schema (once, at start-up) and narrow it."""
+    """Reflect the database's default schema (once, at start-up) and narrow it.
+
+    On PostgreSQL only the tables the worker's role may UPDATE are taken: a job naming any
+    other is ``unknown_table``, refused by the worker before the database is asked.
+    """
     metadata = sa.MetaData()
 
     def reflect(connection: sa.Connection) -> None:
-        metadata.reflect(connection, only=lambda name, _: name != LEDGER_TABLE)
+        updatable = None
+        if connection.dialect.name == "postgresql":
+            updatable = set(connection.execute(_UPDATABLE).scalars())
+        metadata.reflect(
+            connection,
+            only=lambda name, _: name != LEDGER_TABLE and (updatable is None or name in updatable),
+            resolve_fks=False,  # a referenced table is not thereby a table jobs may update
+        )
 
     async with engine.connect() as connection:
         await connection.run_sync(reflect)
     return build_schema(metadata, **narrowing)
+
+
+_UPDATABLE = sa.text(
+    "SELECT c.relname FROM pg_catalog.pg_class c"
+    " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p')"
+    " AND has_table_privilege(c.oid, 'UPDATE')"
+)
 
 
 def load_models(spec: str) -> sa.MetaData:

@@ -24,8 +24,10 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 from pydantic_settings.sources.utils import parse_env_vars
+from redis.asyncio import Redis
 
 from worker.errors import SettingsError
+from worker.redis_client import RedisTLS, connect
 
 ENV_PREFIX: Final = "WORKER_"
 CommaList = Annotated[tuple[str, ...], NoDecode]
@@ -41,6 +43,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
 
     redis_url: str = Field("redis://localhost:6379/0", description="Redis URL; rediss:// for TLS")
+    redis_ca_file: str | None = Field(
+        None, description="CA certificate(s) that verify a rediss:// server (default: the system's)"
+    )
+    redis_cert_file: str | None = Field(None, description="client certificate for rediss://")
+    redis_key_file: str | None = Field(None, description="client key for rediss://")
     database_url: str = Field(
         "sqlite+aiosqlite:///./update-worker.db",
         description="SQLAlchemy async URL: postgresql+asyncpg://... or sqlite+aiosqlite:///...",
@@ -134,6 +141,11 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The environment comes in through load_settings(environ), never from os.environ here.
         return (init_settings,)
+
+    def redis(self, *, block_ms: int = 0) -> Redis:
+        """A Redis client for these settings (URL, TLS files)."""
+        tls = RedisTLS(self.redis_ca_file, self.redis_cert_file, self.redis_key_file)
+        return connect(self.redis_url, block_ms=block_ms, tls=tls)
 
     def __repr_args__(self) -> Any:
         for name, value in super().__repr_args__():

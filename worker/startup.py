@@ -25,7 +25,7 @@ from worker.schema import build_schema, load_models, reflect_schema
 from worker.service import Worker
 from worker.settings import Settings, mask_url, parse_duration
 from worker.streams import Names
-from worker.transport import Transport, connect
+from worker.transport import Transport
 from worker.units import Pace
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ async def open_worker(settings: Settings) -> AsyncIterator[Worker]:
     engine = create_engine(settings.database_url, pool_size=settings.concurrency, timeouts=timeouts)
     metrics = Metrics()
     transport = Transport(
-        connect(settings.redis_url, block_ms=settings.block_ms),
+        settings.redis(block_ms=settings.block_ms),
         Names(settings.prefix),
         group=settings.group,
         consumer=settings.consumer,

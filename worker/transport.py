@@ -23,10 +23,6 @@ from worker.streams import Claim, Entry, Names
 
 log = logging.getLogger(__name__)
 
-#: Extra socket time beyond a blocking read's own BLOCK, so the read returns before the socket
-#: times out: redis-py 8 defaults to a 5 s socket timeout, shorter than a long BLOCK.
-_SOCKET_MARGIN_S: Final = 5.0
-
 
 # Resets the idle time of the given entries, but only of those this consumer still owns: a
 # worker whose claim lapsed (a long stall) must not steal an entry back from its new owner.
@@ -46,12 +42,6 @@ for i = 3, #ARGV do
 end
 return lost
 """
-
-
-def connect(url: str, *, block_ms: int = 0) -> Redis:
-    """A client whose socket timeout outlasts a blocking read of ``block_ms``."""
-    timeout = max(_SOCKET_MARGIN_S, block_ms / 1000 + _SOCKET_MARGIN_S)
-    return Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=_SOCKET_MARGIN_S)
 
 
 class Transport:

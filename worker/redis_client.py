@@ -1,0 +1,46 @@
+"""Redis clients: timeouts that fit blocking reads, and TLS that always verifies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+from redis.asyncio import Redis
+
+#: Extra socket time beyond a blocking read's own BLOCK, so the read returns before the socket
+#: times out (redis-py 8 defaults to 5 s, shorter than a long BLOCK); also the connect timeout.
+_SOCKET_MARGIN_S: Final = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTLS:
+    """Files for ``rediss://`` (WORKER_REDIS_CA_FILE, _CERT_FILE, _KEY_FILE)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+def connect(url: str, *, block_ms: int = 0, tls: RedisTLS | None = None) -> Redis:
+    """A client whose socket timeout outlasts a blocking read of ``block_ms``.
+
+    ``rediss://`` always verifies the server's certificate and host name, against the CA file
+    or the system's CAs; a client certificate is presented when one is given.
+    """
+    timeout = max(_SOCKET_MARGIN_S, block_ms / 1000 + _SOCKET_MARGIN_S)
+    options: dict[str, Any] = {}
+    if url.startswith("rediss://"):
+        tls = tls or RedisTLS()
+        options = {
+            "ssl_cert_reqs": "required",
+            "ssl_check_hostname": True,
+            "ssl_ca_certs": tls.ca_file,
+            "ssl_certfile": tls.cert_file,
+            "ssl_keyfile": tls.key_file,
+        }
+    return Redis.from_url(
+        url, socket_timeout=timeout, socket_connect_timeout=_SOCKET_MARGIN_S, **options
+    )
+
+
+__all__ = ["RedisTLS", "connect"]
