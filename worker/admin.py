@@ -8,6 +8,7 @@ Every problem is one line that starts with the component it is about (``redis:``
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from redis.asyncio import Redis
+from redis.asyncio.connection import SSLConnection
 from redis.exceptions import ResponseError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -22,6 +24,9 @@ from worker.errors import classify
 from worker.ledger import LEDGER_TABLE, ledger
 from worker.logs import mask_secrets
 from worker.streams import Names
+
+#: How a TLS server answers a plaintext client: it drops the connection.
+_DROPPED = re.compile(r"reset by peer|closed by server|Connection closed|EOF", re.IGNORECASE)
 
 
 async def reachability(redis: Redis, engine: AsyncEngine, *, deadline_s: float) -> list[str]:
@@ -35,7 +40,14 @@ async def reachability(redis: Redis, engine: AsyncEngine, *, deadline_s: float) 
         _problem("redis", redis.ping, deadline_s),
         _problem("database", database, deadline_s),
     )
-    return [problem for problem in results if problem is not None]
+    plaintext = not issubclass(redis.connection_pool.connection_class, SSLConnection)
+    return [
+        f"{problem} (a TLS port? use rediss://)"
+        if plaintext and problem.startswith("redis:") and _DROPPED.search(problem)
+        else problem
+        for problem in results
+        if problem is not None
+    ]
 
 
 async def setup(
@@ -44,15 +56,16 @@ async def setup(
     """Reachability, then what a worker needs in place: its consumer group and the ledger."""
     problems = await reachability(redis, engine, deadline_s=deadline_s)
     if not any(problem.startswith("redis:") for problem in problems):
-        try:
-            groups = await redis.xinfo_groups(names.stream)
-        except ResponseError:
-            groups = []  # no stream yet
-        if not any(_text(info.get("name")) == group for info in groups):
-            problems.append(
-                f"group: consumer group {group!r} on stream {names.stream!r} is missing "
-                "(a worker creates it when it starts)"
-            )
+        try:  # XPENDING, not XINFO: the worker's minimal ACL allows it (README, Security)
+            await redis.xpending(names.stream, group)
+        except ResponseError as error:
+            if "NOGROUP" in str(error):
+                problems.append(
+                    f"group: consumer group {group!r} on stream {names.stream!r} is missing "
+                    "(a worker creates it when it starts)"
+                )
+            else:
+                problems.append(f"group: {mask_secrets(str(error))}")
     if not any(problem.startswith("database:") for problem in problems):
 
         async def ledger_ready() -> None:
@@ -140,7 +153,8 @@ async def _problem(
     except TimeoutError:
         return f"{component}: no answer within {deadline_s} s"
     except Exception as error:  # noqa: BLE001 - every failure is a reason to report
-        return f"{component}: {mask_secrets(classify(error).message)}"
+        message = mask_secrets(classify(error).message)
+        return message if message.startswith(f"{component}:") else f"{component}: {message}"
     return None
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from sqlalchemy import event
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 #: Execution option marking the executor's connections, whose SQLite transactions write.
@@ -43,9 +44,10 @@ def create_engine(
             "lock_timeout": str(timeouts.lock_ms),
             "idle_in_transaction_session_timeout": str(timeouts.idle_in_transaction_ms),
         }
-    engine = create_async_engine(
-        database_url, pool_size=pool_size, max_overflow=2, connect_args=connect_args
-    )
+    pooling: dict[str, Any] = {"pool_size": pool_size, "max_overflow": 2}
+    if make_url(database_url).database in (None, "", ":memory:"):
+        pooling = {}  # in-memory SQLite: one shared connection (StaticPool), no pool to size
+    engine = create_async_engine(database_url, connect_args=connect_args, **pooling)
     if engine.dialect.name == "sqlite":
         _tune_sqlite(engine, busy_timeout_ms=timeouts.lock_ms)
     return engine

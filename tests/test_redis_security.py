@@ -1,0 +1,190 @@
+"""Redis with TLS and the README's minimal ACL: a private redis-server with throwaway
+certificates (openssl), the worker under exactly the documented user, and the failures an
+operator must be able to read: plaintext to the TLS port, and a wrong CA."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import NoPermissionError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tests.conftest import eventually
+from tests.test_cli import CLI, ROOT, clean_env, free_port
+from worker.admin import backlog
+from worker.jobs import Reply
+from worker.redis_client import RedisTLS, connect
+from worker.streams import Entry, Names
+from worker.transport import Transport
+
+PASSWORD = "w0rker-Secret"  # noqa: S105 - a throwaway server's
+
+
+def readme_acl(prefix: str) -> str:
+    """The README's minimal ACL line, for ``prefix`` instead of ``updates``."""
+    readme = (ROOT / "README.md").read_text()
+    line = re.search(r"^user update-worker on .*$", readme, re.M)
+    assert line, "the README's ACL line is missing"
+    return line[0].replace(">CHANGE-ME", f">{PASSWORD}").replace("updates:", f"{prefix}:")
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_ca(name: str, cwd: Path) -> None:
+    openssl("req", "-x509", "-new", "-nodes", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "1", "-subj", f"/CN={name}", cwd=cwd)  # fmt: skip
+
+
+@dataclass
+class TlsRedis:
+    port: int
+    ca: Path
+    other_ca: Path
+
+    def url(self, user: str = "", password: str = "", scheme: str = "rediss") -> str:
+        credentials = f"{user}:{password}@" if password else ""
+        return f"{scheme}://{credentials}127.0.0.1:{self.port}/0"
+
+    def admin(self) -> Redis:
+        return connect(self.url(), tls=RedisTLS(ca_file=str(self.ca)))
+
+
+@pytest.fixture
+async def tls_redis(tmp_path: Path, prefix: str) -> AsyncIterator[TlsRedis]:
+    assert shutil.which("openssl"), "openssl is needed to make the test certificates"
+    assert shutil.which("redis-server"), "redis-server is needed (Debian package redis-server)"
+    make_ca("ca", tmp_path)
+    make_ca("other-ca", tmp_path)
+    openssl("req", "-new", "-nodes", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1", cwd=tmp_path)  # fmt: skip
+    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.pem", "-days", "1", "-extfile", "san.ext", cwd=tmp_path)  # fmt: skip
+    port = free_port()
+    (tmp_path / "redis.conf").write_text("\n".join([
+        "port 0", f"tls-port {port}", "bind 127.0.0.1", "save \"\"", "appendonly no",
+        f"dir {tmp_path}", "tls-cert-file server.pem", "tls-key-file server.key",
+        "tls-ca-cert-file ca.pem", "tls-auth-clients no",
+        "user default on nopass ~* &* +@all",  # the test's own producer and checks
+        readme_acl(prefix),
+    ]) + "\n")  # fmt: skip
+    command = ["redis-server", str(tmp_path / "redis.conf")]
+    server = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL)  # noqa: ASYNC220
+    redis = TlsRedis(port, tmp_path / "ca.pem", tmp_path / "other-ca.pem")
+    admin = redis.admin()
+    try:
+        await eventually(admin.ping, timeout=10)
+        yield redis
+    finally:
+        await admin.aclose()
+        server.terminate()
+        server.wait(10)
+
+
+async def test_every_worker_command_runs_under_the_minimal_acl(
+    tls_redis: TlsRedis, prefix: str
+) -> None:
+    redis = connect(
+        tls_redis.url("update-worker", PASSWORD), tls=RedisTLS(ca_file=str(tls_redis.ca))
+    )
+    transport = Transport(redis, Names(prefix), group="g", consumer="c1", result_ttl=60)
+    try:
+        assert await redis.ping()
+        await transport.ensure_group()
+        async with tls_redis.admin() as admin:
+            added: Any = await admin.xadd(f"{prefix}:jobs", {"job": "{}"})
+            first = added.decode()
+            await admin.xadd(f"{prefix}:jobs", {"job": "{}"})
+        entries = await transport.read(count=10, block_ms=100)
+        assert [entry.id for entry in entries][:1] == [first]
+        assert await transport.renew([entry.id for entry in entries]) == []  # EVALSHA + XCLAIM
+        await asyncio.sleep(0.05)
+        claimed = await transport.claim(count=10, min_idle_ms=1)  # XAUTOCLAIM + XPENDING
+        assert len(claimed.entries) == 2
+        reply = Reply(id="acl-1", status="ok", rowcount=1)
+        await transport.reply(entries[0].id, reply, channel=f"{prefix}:replies")
+        await transport.dead_letter(Entry(entries[1].id, {b"job": b"{}"}), reason="unparsable",
+                                    reply=reply, channel=None)  # fmt: skip
+        await transport.drop_deleted(["0-1"])
+        assert await transport.stored_reply("acl-1") is not None
+        assert await backlog(redis, Names(prefix), "g") == (0, 0)  # XLEN + XPENDING (metrics)
+        for forbidden in (redis.get("elsewhere:key"), redis.flushall(), redis.keys("*")):
+            with pytest.raises(NoPermissionError):
+                await forbidden
+    finally:
+        await transport.aclose()
+
+
+async def test_a_worker_process_under_tls_and_the_acl(
+    tls_redis: TlsRedis, engine: AsyncEngine, database_url: str, prefix: str
+) -> None:
+    del engine  # seeded before the worker reflects
+    env = clean_env(WORKER_REDIS_URL=tls_redis.url("update-worker", PASSWORD), WORKER_PREFIX=prefix,
+                    WORKER_REDIS_CA_FILE=str(tls_redis.ca), WORKER_DATABASE_URL=database_url,
+                    WORKER_CLAIM_IDLE_MS="600", WORKER_LOG_FORMAT="json")  # fmt: skip
+    worker = await asyncio.create_subprocess_exec(
+        *CLI, "run", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        async with tls_redis.admin() as admin:
+            job = {
+                "id": f"tls-{uuid.uuid4().hex[:6]}",
+                "table": "items",
+                "inc": {"qty": 1},
+                "key": {"id": 1},
+            }
+            await admin.xadd(f"{prefix}:jobs", {"job": json.dumps(job)})
+            await admin.xadd(f"{prefix}:jobs", {"job": "not json"})
+            stored: Any = await eventually(
+                lambda: admin.get(f"{prefix}:result:{job['id']}"), timeout=30
+            )
+            assert json.loads(stored)["rowcount"] == 1
+            await eventually(lambda: admin.xlen(f"{prefix}:dead"), timeout=10)
+        check = await asyncio.to_thread(subprocess.run, [*CLI, "check"], env=env, capture_output=True,
+                                        text=True, check=False)  # fmt: skip
+        # The group and the ledger are in order; `check` itself needs no more than the worker.
+        assert check.returncode == 0, check.stderr
+    finally:
+        worker.terminate()
+        _, stderr = await worker.communicate()
+    assert worker.returncode == 0, stderr.decode()[-2000:]
+    assert PASSWORD not in stderr.decode()
+
+
+async def test_plaintext_to_the_tls_port_and_a_wrong_ca_fail_clearly(tls_redis: TlsRedis) -> None:
+    cases = {
+        "plaintext": {"WORKER_REDIS_URL": tls_redis.url(scheme="redis")},
+        "wrong CA": {
+            "WORKER_REDIS_URL": tls_redis.url(),
+            "WORKER_REDIS_CA_FILE": str(tls_redis.other_ca),
+        },
+        "no CA": {"WORKER_REDIS_URL": tls_redis.url()},  # the system's CAs do not know it either
+    }
+    for name, settings in cases.items():
+        result = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "worker", "check"], capture_output=True, text=True,
+            timeout=60, check=False, env=clean_env(**settings, WORKER_DATABASE_URL=f"sqlite+aiosqlite:///{tls_redis.ca.parent / 'check.db'}"),
+        )  # fmt: skip
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1, (name, result.stderr)
+        redis_lines = [line for line in lines if line.startswith("redis:")]
+        assert len(redis_lines) == 1, (name, lines)
+        if name == "plaintext":
+            assert "a TLS port? use rediss://" in redis_lines[0], redis_lines
+        else:
+            assert "certificate verify failed" in redis_lines[0], (name, redis_lines)
+        print(name, "->", redis_lines[0])
