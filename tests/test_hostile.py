@@ -154,3 +154,24 @@ async def test_values_with_quotes_semicolons_and_comments_are_stored_verbatim(
             assert (
                 await connection.execute(sa.select(items.c.name).where(items.c.id == 3))
             ).scalar() == "a\x00b"
+
+
+async def test_policy_settings_hold_through_a_running_worker(
+    start_worker: WorkerFactory, engine: AsyncEngine, prefix: str
+) -> None:
+    before = await snapshot(engine)
+    await start_worker(max_rows_default=2, allow_all=False)
+    async with UpdateClient(REDIS_URL, prefix=prefix) as client:
+        capped = await client.update("books", set={"genre": "x"}, where={"genre": "fiction"})
+        unfiltered = await client.update("books", set={"genre": "x"}, all=True)
+        own_cap = await client.update("books", set={"genre": "x"}, where={"genre": "fiction"},
+                                      expect={"max_rows": 3})  # fmt: skip
+    assert capped.error is not None
+    assert capped.error.code == "expectation_failed"  # 3 fiction books, over the default cap of 2
+    assert unfiltered.error is not None
+    assert unfiltered.error.code == "missing_filter"
+    assert (own_cap.status, own_cap.rowcount) == ("ok", 3)  # a job's own cap wins
+    after = await snapshot(engine)
+    assert {table: rows for table, rows in after.items() if table != "books"} == {
+        table: rows for table, rows in before.items() if table != "books"
+    }

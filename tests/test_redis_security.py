@@ -60,11 +60,22 @@ class TlsRedis:
         return f"{scheme}://{credentials}127.0.0.1:{self.port}/0"
 
     def admin(self) -> Redis:
-        return connect(self.url(), tls=RedisTLS(ca_file=str(self.ca)))
+        return connect(self.url(), tls=self.tls())
+
+    def tls(self) -> RedisTLS:
+        """The CA, and the client certificate (which a server with tls-auth-clients no ignores)."""
+        directory = self.ca.parent
+        return RedisTLS(str(self.ca), str(directory / "client.pem"), str(directory / "client.key"))
+
+
+@pytest.fixture(params=["no"], ids=["server-cert"])
+def client_certs(request: pytest.FixtureRequest) -> str:
+    """Redis's ``tls-auth-clients``: whether clients must present a certificate."""
+    return str(request.param)
 
 
 @pytest.fixture
-async def tls_redis(tmp_path: Path, prefix: str) -> AsyncIterator[TlsRedis]:
+async def tls_redis(tmp_path: Path, prefix: str, client_certs: str) -> AsyncIterator[TlsRedis]:
     assert shutil.which("openssl"), "openssl is needed to make the test certificates"
     assert shutil.which("redis-server"), "redis-server is needed (Debian package redis-server)"
     make_ca("ca", tmp_path)
@@ -72,13 +83,17 @@ async def tls_redis(tmp_path: Path, prefix: str) -> AsyncIterator[TlsRedis]:
     openssl("req", "-new", "-nodes", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
             "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1", cwd=tmp_path)  # fmt: skip
     (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("req", "-new", "-nodes", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-keyout", "client.key", "-out", "client.csr", "-subj", "/CN=update-worker", cwd=tmp_path)  # fmt: skip
+    openssl("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "client.pem", "-days", "1", cwd=tmp_path)  # fmt: skip
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
             "-out", "server.pem", "-days", "1", "-extfile", "san.ext", cwd=tmp_path)  # fmt: skip
     port = free_port()
     (tmp_path / "redis.conf").write_text("\n".join([
         "port 0", f"tls-port {port}", "bind 127.0.0.1", "save \"\"", "appendonly no",
         f"dir {tmp_path}", "tls-cert-file server.pem", "tls-key-file server.key",
-        "tls-ca-cert-file ca.pem", "tls-auth-clients no",
+        "tls-ca-cert-file ca.pem", f"tls-auth-clients {client_certs}",
         "user default on nopass ~* &* +@all",  # the test's own producer and checks
         readme_acl(prefix),
     ]) + "\n")  # fmt: skip
@@ -188,3 +203,30 @@ async def test_plaintext_to_the_tls_port_and_a_wrong_ca_fail_clearly(tls_redis: 
         else:
             assert "certificate verify failed" in redis_lines[0], (name, redis_lines)
         print(name, "->", redis_lines[0])
+
+
+@pytest.mark.parametrize("client_certs", ["yes"], ids=["client-cert"], indirect=True)
+async def test_a_server_that_wants_client_certificates_gets_the_configured_one(
+    tls_redis: TlsRedis, tmp_path: Path
+) -> None:
+    url = tls_redis.url("update-worker", PASSWORD)
+    database = f"sqlite+aiosqlite:///{tmp_path / 'check.db'}"
+    tls = tls_redis.tls()
+    with_cert = {"WORKER_REDIS_CA_FILE": tls.ca_file or "", "WORKER_REDIS_CERT_FILE": tls.cert_file or "",
+                 "WORKER_REDIS_KEY_FILE": tls.key_file or ""}  # fmt: skip
+    results = {}
+    for name, settings in {
+        "with": with_cert,
+        "without": {"WORKER_REDIS_CA_FILE": str(tls_redis.ca)},
+    }.items():
+        results[name] = await asyncio.to_thread(
+            subprocess.run, [*CLI, "check"], capture_output=True, text=True, timeout=60, check=False,
+            env=clean_env(WORKER_REDIS_URL=url, WORKER_DATABASE_URL=database, **settings),
+        )  # fmt: skip
+    # With the certificate only the (expected) group and ledger lines remain; without, Redis refuses.
+    assert [line.split(":")[0] for line in results["with"].stderr.splitlines()] == [
+        "group",
+        "ledger",
+    ]
+    refused = results["without"].stderr.splitlines()
+    assert (results["without"].returncode, refused[0].split(":")[0]) == (1, "redis"), refused
