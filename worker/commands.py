@@ -180,7 +180,9 @@ def submit_file(settings: Settings, args: argparse.Namespace) -> int:
     lines = (sys.stdin if args.file == "-" else path.open(encoding="utf-8")).read().splitlines()
 
     async def send() -> Totals:
-        async with UpdateClient(settings.redis(), prefix=settings.prefix) as client:
+        async with UpdateClient(
+            settings.redis(), prefix=settings.prefix, owns_redis=True
+        ) as client:
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TimeElapsedColumn())  # fmt: skip
             with Progress(*columns, console=Console(stderr=True)) as progress:
