@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from worker.errors import classify
 from worker.ledger import LEDGER_TABLE, ledger
 from worker.logs import mask_secrets
-from worker.streams import Names
+from worker.streams import Names, entry_ms, text
 
 #: How a TLS server answers a plaintext client: it drops the connection.
 _DROPPED = re.compile(r"reset by peer|closed by server|Connection closed|EOF", re.IGNORECASE)
@@ -123,15 +123,15 @@ async def snapshot(redis: Redis, names: Names, group: str) -> Snapshot:
         groups = await redis.xinfo_groups(names.stream)
     except ResponseError:
         groups = []
-    info: dict[str, Any] = next((g for g in groups if _text(g.get("name")) == group), {})
+    info: dict[str, Any] = next((g for g in groups if text(g.get("name")) == group), {})
     consumers, oldest = [], None
     if info:
         for entry in await redis.xinfo_consumers(names.stream, group):
-            consumers.append(Consumer(_text(entry["name"]), int(entry["pending"]),
+            consumers.append(Consumer(text(entry["name"]), int(entry["pending"]),
                                       int(entry["idle"]) / 1000))  # fmt: skip
         summary = await redis.xpending(names.stream, group)
         if summary["pending"]:
-            oldest = max(0.0, time.time() - _entry_ms(_text(summary["min"])) / 1000)
+            oldest = max(0.0, time.time() - entry_ms(text(summary["min"])) / 1000)
     length = await redis.xlen(names.stream)
     pending = int(info.get("pending", 0))
     return Snapshot(
@@ -156,11 +156,3 @@ async def _problem(
         message = mask_secrets(classify(error).message)
         return message if message.startswith(f"{component}:") else f"{component}: {message}"
     return None
-
-
-def _entry_ms(entry_id: str) -> int:
-    return int(entry_id.split("-", 1)[0])
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

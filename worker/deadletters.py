@@ -16,7 +16,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from worker.streams import Names
+from worker.streams import Names, entry_ms, text
 
 _PAGE = 500
 
@@ -41,7 +41,7 @@ class Letter:
 
     @property
     def failed_at_ms(self) -> int:
-        return int(self.fields.get("failed_at_ms") or self.id.split("-", 1)[0])
+        return int(self.fields.get("failed_at_ms") or entry_ms(self.id))
 
     @property
     def error(self) -> str:
@@ -73,7 +73,7 @@ async def letters(redis: Redis, names: Names) -> AsyncIterator[Letter]:
     while page := await redis.xrange(names.dead, min=start, count=_PAGE):
         for entry_id, fields in page:
             yield _letter(entry_id, fields)
-        last = _text(page[-1][0])
+        last = text(page[-1][0])
         start = f"({last}"
         if len(page) < _PAGE:
             return
@@ -95,7 +95,7 @@ async def replay(redis: Redis, names: Names, chosen: Sequence[Letter]) -> list[t
             pipe.xadd(names.stream, {"job": letter.replay_body()})
             pipe.xdel(names.dead, letter.id)
             new_id, _ = await pipe.execute()
-        done.append((letter, _text(new_id)))
+        done.append((letter, text(new_id)))
     return done
 
 
@@ -116,10 +116,4 @@ def matches(letter: Letter, *, reason: str | None, older_than_s: float | None) -
 
 
 def _letter(entry_id: Any, fields: dict[Any, Any] | None) -> Letter:
-    return Letter(
-        _text(entry_id), {_text(key): _text(value) for key, value in (fields or {}).items()}
-    )
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
+    return Letter(text(entry_id), {text(key): text(value) for key, value in (fields or {}).items()})

@@ -20,7 +20,7 @@ from worker.metrics import Metrics
 from worker.recovery import Recovery
 from worker.schema import Schema
 from worker.settings import Settings
-from worker.streams import Entry
+from worker.streams import Entry, entry_ms
 from worker.transport import Transport
 from worker.units import Pace, Work, prepare, units
 
@@ -87,11 +87,15 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await renewing
 
+    @functools.cached_property
+    def policy(self) -> Policy:
+        settings = self.settings
+        return Policy(max_rows_default=settings.max_rows_default, allow_all=settings.allow_all)
+
     def _prepare(self, entry: Entry) -> Work:
         settings = self.settings
-        policy = Policy(max_rows_default=settings.max_rows_default, allow_all=settings.allow_all)
         return prepare(entry, schema=self.schema, max_job_bytes=settings.max_job_bytes,
-                       max_deliveries=settings.max_deliveries, policy=policy)  # fmt: skip
+                       max_deliveries=settings.max_deliveries, policy=self.policy)  # fmt: skip
 
     async def handle(self, unit: list[Work], slots: asyncio.Semaphore) -> None:
         """Answer a unit: one entry, or a group sharing a transaction. Never raises: the
@@ -102,7 +106,7 @@ class Worker:
             else:
                 async with slots:
                     for work in unit:
-                        self.metrics.queued(_enqueued_ms(work.entry))
+                        self.metrics.queued(entry_ms(work.entry.id))
                     replies = await self.executor.execute_group([_ready(work) for work in unit])
                 answers = list(zip(unit, replies, strict=True))
                 await self.transport.reply_many(
@@ -125,7 +129,7 @@ class Worker:
             if work.exhausted:
                 await self.recovery.give_up(entry, job)
                 return
-            self.metrics.queued(_enqueued_ms(entry))
+            self.metrics.queued(entry_ms(entry.id))
             if work.error is not None:
                 reply = await self.executor.reject(job, work.error)
             else:
@@ -209,11 +213,6 @@ class Worker:
         if late:
             log.warning("%d job(s) unfinished after the grace period; left pending", len(late))
             await asyncio.wait(late)
-
-
-def _enqueued_ms(entry: Entry) -> int:
-    """When the entry was added: the first part of its id, Redis's clock in milliseconds."""
-    return int(entry.id.split("-", 1)[0])
 
 
 def _ready(work: Work) -> tuple[Job, Plan]:

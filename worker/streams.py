@@ -1,9 +1,10 @@
-"""The Redis names and the stream entries the transport hands out: plain data, no I/O."""
+"""Redis names, the stream entries the transport hands out, and reading Redis values: no I/O."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,4 +46,16 @@ class Claim:
     deleted: list[str]
 
 
-__all__ = ["Claim", "Entry", "Names"]
+def entry_ms(entry_id: str) -> int:
+    """When an entry was added: the first part of its id, Redis's clock in milliseconds."""
+    return int(entry_id.split("-", 1)[0])
+
+
+def text(value: Any) -> str:
+    """A Redis reply value (bytes, or str under decode_responses) as text; never raises."""
+    return (
+        value.decode("utf-8", errors="backslashreplace") if isinstance(value, bytes) else str(value)
+    )
+
+
+__all__ = ["Claim", "Entry", "Names", "entry_ms", "text"]

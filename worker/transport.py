@@ -19,7 +19,7 @@ from redis.exceptions import ResponseError
 from worker.errors import REDIS_BACKOFF, retry_transient
 from worker.jobs import Reply
 from worker.metrics import Metrics
-from worker.streams import Claim, Entry, Names
+from worker.streams import Claim, Entry, Names, text
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +109,11 @@ class Transport:
         except ResponseError as error:
             await self._recreate_group(error)
             return Claim(entries=[], deleted=[])
-        self._claim_cursor = _text(cursor)
+        self._claim_cursor = text(cursor)
         # Redis 7 reports entries whose data is gone in a third element (and drops them from
         # the pending list itself).
-        deleted = [_text(entry_id) for entry_id in (rest[0] if rest else [])]
-        live = [(_text(entry_id), fields) for entry_id, fields in claimed if fields is not None]
+        deleted = [text(entry_id) for entry_id in (rest[0] if rest else [])]
+        live = [(text(entry_id), fields) for entry_id, fields in claimed if fields is not None]
         counts = await self._deliveries([entry_id for entry_id, _ in live])
         entries = [
             Entry(id=entry_id, fields=fields, deliveries=counts.get(entry_id, 1))
@@ -128,7 +128,7 @@ class Transport:
             for entry_id in entry_ids:
                 pipe.xpending_range(self.names.stream, self._group, entry_id, entry_id, 1)
             found = await pipe.execute()
-        return {_text(row[0]["message_id"]): int(row[0]["times_delivered"]) for row in found if row}
+        return {text(row[0]["message_id"]): int(row[0]["times_delivered"]) for row in found if row}
 
     async def renew(self, entry_ids: list[str]) -> list[str]:
         """Reset the idle time of entries this consumer is still running.
@@ -143,7 +143,7 @@ class Transport:
         except ResponseError as error:
             await self._recreate_group(error)
             return []
-        return [_text(entry_id) for entry_id in lost]
+        return [text(entry_id) for entry_id in lost]
 
     async def _recreate_group(self, error: ResponseError) -> None:
         if "NOGROUP" not in str(error):
@@ -205,9 +205,7 @@ class Transport:
         if (raw := entry.fields.get(b"job")) is not None:
             letter["job"] = raw
         if other := {key: value for key, value in entry.fields.items() if key != b"job"}:
-            letter["fields"] = json.dumps(
-                {_text(key): _text(value) for key, value in other.items()}
-            )
+            letter["fields"] = json.dumps({text(key): text(value) for key, value in other.items()})
         data = reply.encode()
 
         def commands(pipe: Pipeline) -> None:
@@ -272,9 +270,3 @@ def _streams(response: Any) -> list[tuple[Any, list[tuple[bytes, Mapping[bytes, 
     if isinstance(response, dict):  # RESP3
         return list(response.items())
     return [(name, entries) for name, entries in response]
-
-
-def _text(value: bytes | str) -> str:
-    if isinstance(value, str):
-        return value
-    return value.decode("utf-8", errors="backslashreplace")
