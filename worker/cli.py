@@ -17,10 +17,11 @@ from typing import Any
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker import commands, logs
+from worker import commands, logs, shorthand
 from worker.client import UpdateClient
-from worker.errors import SettingsError, classify
+from worker.errors import InvalidJob, SettingsError, classify
 from worker.jobs import job_json_schema
+from worker.logs import mask_secrets
 from worker.settings import Settings, field_infos, flag_name, load_settings, mask_url
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
@@ -37,8 +38,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as error:
         print(f"update-worker: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except InvalidJob as error:
+        print(f"update-worker: invalid job, not sent: {error.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except (OSError, RedisError, SQLAlchemyError) as error:
+        # An unreachable service: the one line `check` would give, not a traceback.
+        print(f"update-worker: {unreachable(error)}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_FAILED
+
+
+def unreachable(error: BaseException) -> str:
+    """One line naming the service that failed, with any password masked."""
+    message = mask_secrets(classify(error).message)
+    component = "redis" if isinstance(error, RedisError) else "database"
+    return message if message.startswith(f"{component}:") else f"{component}: {message}"
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
@@ -54,8 +69,14 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 
 def _submit(settings: Settings, args: argparse.Namespace) -> int:
     if args.file is not None:
+        if given := [flag for flag, value in (("a JSON job", args.job), ("--table", args.table),
+                     ("--id", args.id), ("--dry-run", args.dry_run)) if value]:  # fmt: skip
+            raise SettingsError(f"submit -f: {', '.join(given)} cannot be combined with a file; "
+                                "each line is a whole job")  # fmt: skip
         return commands.submit_file(settings, args)
-    job = _job_from_args(args)
+    if args.in_flight is not None:
+        raise SettingsError("submit: --in-flight goes with -f (a file of jobs)")
+    job = shorthand.job_from_args(settings, args)
     reply = asyncio.run(
         _submit_and_wait(settings, job, wait=not args.no_wait, timeout=args.timeout)
     )
@@ -93,47 +114,6 @@ def _demo(settings: Settings, _args: argparse.Namespace) -> int:
     from worker.demo import run_demo  # noqa: PLC0415 - only the demo needs it
 
     return asyncio.run(run_demo(settings))
-
-
-def _job_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    if args.job is not None:
-        try:
-            job = json.loads(args.job)
-        except json.JSONDecodeError as error:
-            raise SettingsError(f"job: not JSON: {error}") from None
-        if not isinstance(job, dict):
-            raise SettingsError("job: must be a JSON object")
-        return job
-    if not args.table:
-        raise SettingsError("submit: give a job as JSON, or --table with --set/--inc")
-    job = {"table": args.table}
-    for field, pairs in (
-        ("set", args.set),
-        ("inc", args.inc),
-        ("where", args.where),
-        ("key", args.key),
-    ):
-        if pairs:
-            job[field] = dict(_pair(field, pair) for pair in pairs)
-    optional = {
-        "id": args.id,
-        "returning": args.returning or None,
-        "all": args.all or None,
-        "dry_run": args.dry_run or None,
-    }
-    job.update({name: value for name, value in optional.items() if value is not None})
-    return job
-
-
-def _pair(field: str, text: str) -> tuple[str, Any]:
-    """``age=30`` -> ("age", 30); the value is JSON when it parses, else a plain string."""
-    name, sep, raw = text.partition("=")
-    if not sep or not name:
-        raise SettingsError(f"--{field}: expected column=value, got {text!r}")
-    try:
-        return name, json.loads(raw)
-    except json.JSONDecodeError:
-        return name, raw
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -181,14 +161,13 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument(
         "--all", action="store_true", help="update every row (no filter), on purpose"
     )
-    submit.add_argument("--dry-run", action="store_true")
-    submit.add_argument("--id", help="idempotency key (default: a fresh one)")
+    submit.add_argument("--dry-run", action="store_true", help="run, report, roll back")
+    submit.add_argument("--id", help="idempotency key (default: the job's own, else a fresh one)")
     submit.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the reply")
     submit.add_argument("--no-wait", action="store_true", help="enqueue only; print the job id(s)")
     submit.add_argument("-f", "--file", help="a JSONL file of jobs, one per line (- for stdin)")
-    submit.add_argument(
-        "--in-flight", type=int, default=100, help="with -f: most jobs awaiting a reply at once"
-    )
+    submit.add_argument("--in-flight", type=_positive, default=None, metavar="N",
+                        help="with -f: most jobs awaiting a reply (default: 100)")  # fmt: skip
 
     command("schema", _schema, "print the JSON Schema of a job")
     command("check", commands.check, "exit 0 when Redis, the database, the group and the ledger "
@@ -223,3 +202,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="e.g. 7d (default: WORKER_LEDGER_RETENTION)")  # fmt: skip
     command("demo", _demo, "run the seed scenario end to end on SQLite")
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value

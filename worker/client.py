@@ -13,20 +13,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
+from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from worker.jobs import Reply
+from worker.errors import REDIS_BACKOFF, InvalidJob, retry_transient
+from worker.jobs import Reply, validate
+from worker.redis_client import connect
 from worker.streams import Names
+
+log = logging.getLogger(__name__)
 
 _POLL_START_S = 0.01
 _POLL_MAX_S = 0.5
+#: Tries of one pipeline of XADDs while Redis fails transiently (about 6 s of backoff in all).
+_SEND_ATTEMPTS = 6
 
 
 class UpdateClient:
@@ -39,7 +47,7 @@ class UpdateClient:
     ) -> None:
         """``redis``: a URL, or a client, which :meth:`aclose` closes only if ``owns_redis``
         (by default, only a client made here from a URL)."""
-        self._redis = Redis.from_url(redis) if isinstance(redis, str) else redis
+        self._redis = connect(redis) if isinstance(redis, str) else redis
         self._owns_redis = isinstance(redis, str) if owns_redis is None else owns_redis
         self.names = Names(prefix)
         self.channel = f"{prefix}:replies:{uuid.uuid4().hex}"
@@ -60,16 +68,51 @@ class UpdateClient:
         await self.aclose()
 
     async def submit(self, job: Mapping[str, Any]) -> str:
-        """Send ``job`` (a dict in the job format) and return its id; an id is made if absent."""
+        """Send ``job`` (a dict in the job format) and return its id; an id is made if absent.
+
+        Raises :class:`~worker.errors.InvalidJob` for a job no worker would accept, before
+        anything is sent.
+        """
+        return (await self.submit_many([job]))[0]
+
+    async def submit_many(self, jobs: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Send ``jobs`` in one pipeline and return their ids, in order.
+
+        Every job is validated first: one invalid job raises :class:`InvalidJob` and nothing is
+        sent. A Redis fault is retried with backoff; since every job carries an id by then, a
+        job that a failed try did add is applied once all the same (the worker's ledger).
+        """
+        prepared = [self._prepare(job) for job in jobs]
+        if any(waits for _, _, waits in prepared):
+            await self._listen()
+        loop = asyncio.get_running_loop()
+        for job_id, _, waits in prepared:
+            if waits:
+                self._waiting.setdefault(job_id, loop.create_future())
+
+        async def send() -> None:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for _, encoded, _ in prepared:
+                    pipe.xadd(self.names.stream, {"job": encoded})
+                await pipe.execute()
+
+        await retry_transient(send, attempts=_SEND_ATTEMPTS, backoff=REDIS_BACKOFF,
+                              what=f"sending {len(prepared)} job(s)")  # fmt: skip
+        return [job_id for job_id, _, _ in prepared]
+
+    def _prepare(self, job: Mapping[str, Any]) -> tuple[str, str, bool]:
+        """``(id, JSON, whether this client awaits the reply)`` of a valid job."""
         body = dict(job)
         body.setdefault("id", uuid.uuid4().hex)
-        job_id = str(body["id"])
-        if "reply_to" not in body:
-            await self._listen()
+        waits = "reply_to" not in body
+        if waits:
             body["reply_to"] = self.channel
-            self._waiting.setdefault(job_id, asyncio.get_running_loop().create_future())
-        await self._redis.xadd(self.names.stream, {"job": json.dumps(body, separators=(",", ":"))})
-        return job_id
+        validate(body)
+        try:
+            encoded = json.dumps(body, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as error:
+            raise InvalidJob(f"job is not JSON: {error}") from None
+        return str(body["id"]), encoded, waits
 
     async def result(self, job_id: str, *, timeout: float = 30.0) -> Reply:
         """The final reply for ``job_id``; raises ``TimeoutError`` if none comes in time.
@@ -156,7 +199,13 @@ class UpdateClient:
                 continue
             if message is None or message.get("type") != "message":
                 continue
-            reply = Reply.model_validate_json(message["data"])
+            try:
+                reply = Reply.model_validate_json(message["data"])
+            except ValidationError:
+                # Someone else's message on our channel: not ours to answer, and the listener
+                # must outlive it.
+                log.warning("ignored a message on %s that is no reply", self.channel)
+                continue
             future = self._waiting.get(reply.id)
             if future is None or future.done():
                 continue

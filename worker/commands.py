@@ -187,7 +187,7 @@ def submit_file(settings: Settings, args: argparse.Namespace) -> int:
                        TimeElapsedColumn())  # fmt: skip
             with Progress(*columns, console=Console(stderr=True)) as progress:
                 task = progress.add_task("jobs", total=len(lines))
-                return await submit_lines(client, lines, in_flight=args.in_flight,
+                return await submit_lines(client, lines, in_flight=args.in_flight or 100,
                                           wait=not args.no_wait, timeout=args.timeout,
                                           advance=lambda: progress.advance(task))  # fmt: skip
 

@@ -159,6 +159,18 @@ def parse_entry(
         return _dead(entry_id, None, f"job is not JSON: {error}")
     if not isinstance(document, dict):
         return _dead(entry_id, None, "job is not a JSON object")
+    return _parse_document(document, entry_id=entry_id)
+
+
+def validate(document: Mapping[str, Any]) -> None:
+    """Raise :class:`InvalidJob` unless a worker would accept ``document`` as a job (up to the
+    schema, which only a worker knows): producers check before they send."""
+    parsed = _parse_document(dict(document), entry_id="0-0")
+    if isinstance(parsed, Rejection):
+        raise parsed.error
+
+
+def _parse_document(document: dict[str, Any], *, entry_id: str) -> Job | Rejection:
     reply_to = document.get("reply_to")
     channel = reply_to if _matches(CHANNEL_PATTERN, reply_to) else None
     job_id = document.get("id", entry_id)

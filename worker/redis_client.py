@@ -5,11 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 #: Extra socket time beyond a blocking read's own BLOCK, so the read returns before the socket
 #: times out (redis-py 8 defaults to 5 s, shorter than a long BLOCK); also the connect timeout.
 _SOCKET_MARGIN_S: Final = 5.0
+#: Connections one client opens at most. Past that, a command waits for a free connection (up
+#: to ``_POOL_WAIT_S``) instead of failing at once, as redis-py's default pool of 100 does:
+#: a burst of concurrent sends must queue, never lose a job to ``MaxConnectionsError``.
+MAX_CONNECTIONS: Final = 100
+_POOL_WAIT_S: Final = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +27,8 @@ class RedisTLS:
 
 
 def connect(url: str, *, block_ms: int = 0, tls: RedisTLS | None = None) -> Redis:
-    """A client whose socket timeout outlasts a blocking read of ``block_ms``.
+    """A client whose socket timeout outlasts a blocking read of ``block_ms``, and whose
+    commands wait for a free connection rather than fail when all are busy.
 
     ``rediss://`` always verifies the server's certificate and host name, against the CA file
     or the system's CAs; a client certificate is presented when one is given.
@@ -38,9 +44,15 @@ def connect(url: str, *, block_ms: int = 0, tls: RedisTLS | None = None) -> Redi
             "ssl_certfile": tls.cert_file,
             "ssl_keyfile": tls.key_file,
         }
-    return Redis.from_url(
-        url, socket_timeout=timeout, socket_connect_timeout=_SOCKET_MARGIN_S, **options
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=_POOL_WAIT_S,
+        socket_timeout=timeout,
+        socket_connect_timeout=_SOCKET_MARGIN_S,
+        **options,
     )
+    return Redis.from_pool(pool)
 
 
 __all__ = ["RedisTLS", "connect"]
