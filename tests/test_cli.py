@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -17,10 +18,13 @@ from typing import Any
 import jsonschema
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, eventually
 from tests.test_service import wait_for_message
+from worker import deployment
+from worker.streams import Names
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "worker"]
@@ -175,3 +179,33 @@ def test_demo_starts_its_own_redis_when_none_answers() -> None:
     assert result.returncode == 0, result.stderr
     assert "started redis-server on port" in result.stdout
     assert result.stdout.count("(expected") == 2
+
+
+async def test_a_worker_stopped_by_sigterm_leaves_the_group_and_the_record(
+    worker_process: asyncio.subprocess.Process, redis: Redis, prefix: str
+) -> None:
+    """Stopped workers used to stay in the group (and in `stats`) for ever."""
+    names = Names(prefix)
+
+    async def consumers() -> list[Any]:
+        try:
+            return list(await redis.xinfo_consumers(names.stream, "update-workers"))
+        except ResponseError:
+            return []  # no group yet
+
+    async def announced() -> bool:
+        return bool(await deployment.records(redis, names))
+
+    await eventually(announced, timeout=30)
+    await redis.xadd(names.stream, {"job": json.dumps({"table": "items", "key": {"id": 1},
+                                                       "inc": {"qty": 1}})})  # fmt: skip
+    await eventually(consumers, timeout=30)
+    await eventually(functools.partial(_empty, redis, names), timeout=30)
+    worker_process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(worker_process.wait(), 30) == 0
+    assert await consumers() == []
+    assert await deployment.records(redis, names) == []
+
+
+async def _empty(redis: Redis, names: Names) -> bool:
+    return int(await redis.xlen(names.stream)) == 0

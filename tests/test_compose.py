@@ -45,7 +45,7 @@ def test_compose_file_is_valid_with_and_without_prometheus() -> None:
     services = COMPOSE["services"]
     assert set(services) == {"redis", "postgres", "seed", "worker", "prometheus", "producer"}
     assert services["worker"]["deploy"]["replicas"] == 2
-    assert services["worker"]["healthcheck"]["test"] == ["CMD", "update-worker", "check"]
+    assert services["worker"]["healthcheck"]["test"] == ["CMD", "update-worker", "check", "--local"]
     assert services["prometheus"]["profiles"] == ["prometheus"]
     redis_command = services["redis"]["command"]
     assert redis_command[redis_command.index("--appendonly") + 1] == "yes"
@@ -107,14 +107,19 @@ async def test_the_worker_runs_as_compose_runs_it(
         healthcheck = service["healthcheck"]["test"][1:]  # after "CMD"
         assert healthcheck[0] == "update-worker"
 
-        async def healthy() -> bool:
+        async def healthy(port: int) -> bool:
+            # Run as it runs inside that replica's container: with that replica's own port.
+            own = clean_env(**{**environment, "WORKER_METRICS_PORT": str(port)})
             result = await asyncio.to_thread(
-                subprocess.run, [UPDATE_WORKER, *healthcheck[1:]], env=clean_env(**environment),
+                subprocess.run, [UPDATE_WORKER, *healthcheck[1:]], env=own,
                 capture_output=True, text=True, check=False,
             )  # fmt: skip
             return result.returncode == 0
 
-        await eventually(healthy, timeout=30)
+        # A replica is healthy only once its own worker answers: `check` alone passed as soon
+        # as any worker had created the group, and the test then raced the other replica.
+        for port in ports:
+            await eventually(functools.partial(healthy, port), timeout=30)
         # The producer service's own two jobs, read out of its command.
         script = "\n".join(COMPOSE["services"]["producer"]["command"])
         jobs = re.findall(r"job '(\{.*\})'", script)

@@ -17,9 +17,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tests.conftest import REDIS_URL, WorkerFactory, eventually
 from tests.tables import items
 from tests.test_cli import CLI, ROOT, clean_env, free_port
+from worker import deployment
 from worker.client import UpdateClient
 from worker.ledger import ensure_ledger, ledger, prune
 from worker.metrics import Metrics, Probes, serve_http
+from worker.streams import Names
 
 
 async def http_get(port: int, path: str) -> tuple[int, str]:
@@ -294,15 +296,20 @@ async def test_stats_shows_backlog_pending_consumers_and_dead_letters(
     await redis.xgroup_create(stream, "update-workers", id="0")
     await redis.xreadgroup("update-workers", "busy-consumer", {stream: ">"}, count=2)
     await redis.xadd(f"{prefix}:dead", {"reason": "unparsable", "entry_id": "1-0"})
+    await redis.xreadgroup("update-workers", "live-consumer", {stream: ">"}, count=1)
+    offer = deployment.Offer(tables={}, settings={})
+    await deployment.announce(redis, Names(prefix), "live-consumer", offer)
     result = await cli(
         "stats", "--interval", "0.2", WORKER_REDIS_URL=REDIS_URL, WORKER_PREFIX=prefix
     )
     assert result.returncode == 0, result.stderr
     rows = {cells[0]: cells[1] for line in result.stdout.splitlines()
             if len(cells := [cell.strip() for cell in line.strip("│ ").split("│")]) == 2}  # fmt: skip
-    assert (rows["stream length"], rows["pending"], rows["dead letters"]) == ("3", "2", "1")
-    assert rows["consumers"] == "1"
-    assert rows["busy-consumer"].startswith("2 pending")
+    assert (rows["stream length"], rows["pending"], rows["dead letters"]) == ("3", "3", "1")
+    assert rows["consumers"] == "2"
+    # A consumer is alive while its worker's deployment record is fresh.
+    assert rows["busy-consumer"].startswith("gone, 2 pending")
+    assert rows["live-consumer"].startswith("alive, 1 pending")
     assert rows["oldest pending"].endswith(" s")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -28,7 +29,7 @@ def settings_env(database_url: str, prefix: str, **more: str) -> dict[str, str]:
 async def qty(engine: AsyncEngine, item_id: int) -> int:
     async with engine.connect() as connection:
         found = await connection.scalar(sa.select(items.c.qty).where(items.c.id == item_id))
-    return int(found)
+    return int(found or 0)
 
 
 async def test_submit_file_sends_every_job_at_the_default_in_flight(
@@ -45,7 +46,8 @@ async def test_submit_file_sends_every_job_at_the_default_in_flight(
     result = await cli("submit", "-f", str(path), **settings_env(database_url, prefix))
     assert result.returncode == 0, result.stderr
     assert "2,000 job(s) sent, 0 line(s) not sent: 2,000 ok" in result.stdout
-    assert "Traceback" not in result.stderr and "never retrieved" not in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "never retrieved" not in result.stderr
     assert await qty(engine, 1) == before + 2000
 
 
@@ -61,7 +63,7 @@ async def test_submit_file_no_wait_enqueues_every_job_at_any_in_flight(
                        **settings_env(database_url, prefix))  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "enqueued 1,000 job(s)" in result.stdout
-    entries = await redis.xrange(f"{prefix}:jobs")
+    entries: Any = await redis.xrange(f"{prefix}:jobs")
     assert [json.loads(fields[b"job"])["id"] for _, fields in entries] == [
         f"j{n}" for n in range(1000)
     ]
@@ -103,7 +105,8 @@ async def test_flags_apply_to_a_json_job(
     assert refused.returncode == 2
     assert "--table, --set cannot be combined with a JSON job" in refused.stderr
     other = await cli("submit", json.dumps({"id": "a", **json.loads(job)}), "--id", "b", **env)
-    assert other.returncode == 2 and "differs from the job's id" in other.stderr
+    assert other.returncode == 2
+    assert "differs from the job's id" in other.stderr
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
@@ -119,7 +122,8 @@ async def test_flags_that_do_not_fit_are_refused_not_ignored(
         (("--table", "items", "--set", "qty=1", "--in-flight", "5"), "--in-flight goes with -f"),
     ):
         result = await cli("submit", *args, **env)
-        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
@@ -149,7 +153,9 @@ async def test_commands_give_one_line_when_a_service_is_down(
 ) -> None:
     del engine  # seeded: the shorthand reads the column types of `items`
     dead_redis = {"WORKER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
-    dead_database = {"WORKER_DATABASE_URL": f"postgresql+asyncpg://u:secret@127.0.0.1:{free_port()}/x"}
+    dead_database = {
+        "WORKER_DATABASE_URL": f"postgresql+asyncpg://u:secret@127.0.0.1:{free_port()}/x"
+    }
     path = tmp_path / "jobs.jsonl"
     path.write_text("")
     env = settings_env(database_url, prefix)
@@ -164,5 +170,6 @@ async def test_commands_give_one_line_when_a_service_is_down(
         assert result.returncode == 1, (args, result)
         assert "Traceback" not in result.stderr, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"update-worker: {component}"), (args, lines)
+        assert len(lines) == 1, (args, lines)
+        assert lines[0].startswith(f"update-worker: {component}"), (args, lines)
         assert "secret" not in result.stderr

@@ -17,9 +17,10 @@ from typing import Any
 import sqlalchemy as sa
 from redis.asyncio import Redis
 from redis.asyncio.connection import SSLConnection
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from worker import deployment
 from worker.errors import classify
 from worker.ledger import LEDGER_TABLE, ledger
 from worker.logs import mask_secrets
@@ -66,6 +67,8 @@ async def setup(
                 )
             else:
                 problems.append(f"group: {mask_secrets(str(error))}")
+        else:  # with a group there may be workers: do they agree?
+            problems.extend(await deployment_problems(redis, names))
     if not any(problem.startswith("database:") for problem in problems):
 
         async def ledger_ready() -> None:
@@ -78,6 +81,44 @@ async def setup(
                 "a worker creates it when it starts)"
             )
     return problems
+
+
+async def deployment_problems(redis: Redis, names: Names) -> list[str]:
+    """Live workers on the prefix that would answer the same job differently."""
+    try:
+        every = await deployment.records(redis, names)
+    except RedisError as error:
+        return [f"deployment: {mask_secrets(classify(error).message)}"]
+    live = [record for record in every if record.live]
+    if len({record.fingerprint for record in live}) <= 1:
+        return []
+    return [f"deployment: {line} (prefix {names.prefix!r}: one prefix, one schema and settings)"
+            for line in deployment.mismatches(live[0], live[1:])]  # fmt: skip
+
+
+async def local_readiness(port: int, *, deadline_s: float) -> str | None:
+    """The ``/readyz`` of the worker on this host's ``port``: None when it answers 200.
+
+    What a container's healthcheck asks: whether *its own* worker is up, not whether some
+    worker created the group."""
+
+    async def ask() -> str | None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            await writer.drain()
+            response = (await reader.read()).decode("utf-8", errors="replace")
+        finally:
+            writer.close()
+        status, _, body = response.partition("\r\n\r\n")
+        if status.split(" ")[1:2] == ["200"]:
+            return None
+        return f"worker: /readyz on :{port} answered {status.splitlines()[0]}: {body.strip()}"
+
+    try:
+        return await asyncio.wait_for(ask(), deadline_s)
+    except (OSError, TimeoutError) as error:
+        return f"worker: no worker answers /readyz on :{port} ({error or 'no answer'})"
 
 
 async def backlog(redis: Redis, names: Names, group: str) -> tuple[int, int]:
@@ -111,6 +152,8 @@ class Snapshot:
     oldest_pending_age_s: float | None
     dead_letters: int
     consumers: list[Consumer] = field(default_factory=list)
+    #: Consumers whose worker is running: its deployment record is fresh.
+    alive: frozenset[str] = frozenset()
 
     def rate(self, earlier: Snapshot) -> float:
         """Jobs answered per second since ``earlier``."""
@@ -142,6 +185,9 @@ async def snapshot(redis: Redis, names: Names, group: str) -> Snapshot:
         oldest_pending_age_s=oldest,
         dead_letters=int(await redis.xlen(names.dead)),
         consumers=sorted(consumers, key=lambda consumer: consumer.name),
+        alive=frozenset(
+            record.consumer for record in await deployment.records(redis, names) if record.live
+        ),
     )
 
 

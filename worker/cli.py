@@ -145,33 +145,14 @@ def _parser() -> argparse.ArgumentParser:
     run = command("run", _run, "run a worker until SIGTERM or SIGINT")
     run.add_argument("--burst", action="store_true", help="exit once the stream has nothing new")
 
-    submit = command("submit", _submit, "submit a job and print its reply")
-    submit.add_argument("job", nargs="?", help="the job as JSON")
-    submit.add_argument("--table")
-    for field, hint in (
-        ("set", "column=value"),
-        ("inc", "column=number"),
-        ("where", "column=value"),
-        ("key", "column=value"),
-    ):
-        submit.add_argument(
-            f"--{field}", action="append", metavar=hint, help=f"repeatable; {field} {hint}"
-        )
-    submit.add_argument("--returning", action="append", metavar="COLUMN")
-    submit.add_argument(
-        "--all", action="store_true", help="update every row (no filter), on purpose"
-    )
-    submit.add_argument("--dry-run", action="store_true", help="run, report, roll back")
-    submit.add_argument("--id", help="idempotency key (default: the job's own, else a fresh one)")
-    submit.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the reply")
-    submit.add_argument("--no-wait", action="store_true", help="enqueue only; print the job id(s)")
-    submit.add_argument("-f", "--file", help="a JSONL file of jobs, one per line (- for stdin)")
-    submit.add_argument("--in-flight", type=_positive, default=None, metavar="N",
-                        help="with -f: most jobs awaiting a reply (default: 100)")  # fmt: skip
-
+    _submit_arguments(command("submit", _submit, "submit a job and print its reply"))
     command("schema", _schema, "print the JSON Schema of a job")
-    command("check", commands.check, "exit 0 when Redis, the database, the group and the ledger "
-            "are in order; else one line per problem")  # fmt: skip
+
+    text = ("exit 0 when Redis, the database, the group, the ledger and the deployment are in "
+            "order; else one line per problem")  # fmt: skip
+    check = command("check", commands.check, text)
+    text = "also require this host's worker (WORKER_METRICS_PORT) to answer /readyz"
+    check.add_argument("--local", action="store_true", help=text)
     stats = command("stats", commands.stats, "stream, pending, consumers, dead letters, jobs/s")
     stats.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     stats.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
@@ -209,3 +190,28 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
     return value
+
+
+def _submit_arguments(submit: argparse.ArgumentParser) -> None:
+    submit.add_argument("job", nargs="?", help="the job as JSON")
+    submit.add_argument("--table")
+    for field, hint in (
+        ("set", "column=value"),
+        ("inc", "column=number"),
+        ("where", "column=value"),
+        ("key", "column=value"),
+    ):
+        submit.add_argument(
+            f"--{field}", action="append", metavar=hint, help=f"repeatable; {field} {hint}"
+        )
+    submit.add_argument("--returning", action="append", metavar="COLUMN")
+    submit.add_argument(
+        "--all", action="store_true", help="update every row (no filter), on purpose"
+    )
+    submit.add_argument("--dry-run", action="store_true", help="run, report, roll back")
+    submit.add_argument("--id", help="idempotency key (default: the job's own, else a fresh one)")
+    submit.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the reply")
+    submit.add_argument("--no-wait", action="store_true", help="enqueue only; print the job id(s)")
+    submit.add_argument("-f", "--file", help="a JSONL file of jobs, one per line (- for stdin)")
+    submit.add_argument("--in-flight", type=_positive, default=None, metavar="N",
+                        help="with -f: most jobs awaiting a reply (default: 100)")  # fmt: skip

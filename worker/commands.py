@@ -45,11 +45,18 @@ async def _services(settings: Settings) -> AsyncIterator[tuple[Redis, AsyncEngin
         await engine.dispose()
 
 
-def check(settings: Settings, _args: argparse.Namespace) -> int:
+def check(settings: Settings, args: argparse.Namespace) -> int:
+    if args.local and settings.metrics_port is None:
+        raise SettingsError("check --local: set WORKER_METRICS_PORT (the worker's /readyz port)")
+
     async def problems() -> list[str]:
         async with _services(settings) as (redis, engine):
             names = Names(settings.prefix)
-            return await admin.setup(redis, engine, names, settings.group, deadline_s=5.0)
+            found = await admin.setup(redis, engine, names, settings.group, deadline_s=5.0)
+        port = settings.metrics_port
+        if args.local and port and (problem := await admin.local_readiness(port, deadline_s=5)):
+            found.append(problem)
+        return found
 
     found = asyncio.run(problems())
     for problem in found:
@@ -101,7 +108,8 @@ def _stats_table(settings: Settings, snapshot: admin.Snapshot, rate: float) -> T
     ):
         table.add_row(label, value)
     for consumer in snapshot.consumers:
-        table.add_row(f"  {consumer.name}", f"{consumer.pending:,} pending, "
+        state = "alive" if consumer.name in snapshot.alive else "gone"
+        table.add_row(f"  {consumer.name}", f"{state}, {consumer.pending:,} pending, "
                       f"idle {consumer.idle_s:.1f} s")  # fmt: skip
     return table
 

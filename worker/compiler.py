@@ -30,6 +30,9 @@ class Guards:
     rows: int | None = None
     min_rows: int | None = None
     max_rows: int | None = None
+    #: ``max_rows`` is WORKER_MAX_ROWS_DEFAULT's, not the job's: a refusal by it is this
+    #: worker's setting speaking, so it is replied but not recorded.
+    max_rows_by_policy: bool = False
 
     def violation(self, rowcount: int) -> str | None:
         if self.rows is not None and rowcount != self.rows:
@@ -37,8 +40,17 @@ class Guards:
         if self.min_rows is not None and rowcount < self.min_rows:
             return f"expected at least {self.min_rows} row(s), matched {rowcount}"
         if self.max_rows is not None and rowcount > self.max_rows:
-            return f"expected at most {self.max_rows} row(s), matched {rowcount}"
+            cap = " (WORKER_MAX_ROWS_DEFAULT)" if self.max_rows_by_policy else ""
+            return f"expected at most {self.max_rows} row(s){cap}, matched {rowcount}"
         return None
+
+    def refusal(self, rowcount: int, *, label: str) -> ExpectationFailed | None:
+        """The error for ``rowcount``, or None when the guards accept it."""
+        violation = self.violation(rowcount)
+        if violation is None:
+            return None
+        by_policy = self.max_rows_by_policy and violation.startswith("expected at most")
+        return ExpectationFailed(f"{label}: {violation}; rolled back", recorded=not by_policy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +78,8 @@ class Statement:
     ) -> UpdateResult:
         """The statement's result from what the database said (``rows`` when it returns
         rows), or :class:`ExpectationFailed` when its guards refuse the row count."""
-        if violation := self.guards.violation(rowcount):
-            raise ExpectationFailed(f"{label}: {violation}; rolled back")
+        if refusal := self.guards.refusal(rowcount, label=label):
+            raise refusal
         returning = None
         if rows is not None:
             returning = [{name: to_json(value) for name, value in row.items()}
@@ -143,6 +155,7 @@ def compile_update(spec: UpdateSpec, schema: Schema, policy: Policy = Policy()) 
                 guards.rows,
                 guards.min_rows,
                 min(guards.max_rows, 1) if guards.max_rows is not None else 1,
+                max_rows_by_policy=guards.max_rows_by_policy and guards.max_rows == 0,
             ),
             row=(spec.table, *(key[name] for name in keys)),
             params=params,
@@ -215,9 +228,11 @@ def key_update(
 def _guards(spec: UpdateSpec, policy: Policy) -> Guards:
     expect = spec.expect or Expect()
     max_rows = expect.max_rows
-    if max_rows is None and expect.rows is None:  # a job with no cap of its own
+    by_policy = max_rows is None and expect.rows is None and policy.max_rows_default is not None
+    if by_policy:  # a job with no cap of its own
         max_rows = policy.max_rows_default
-    return Guards(rows=expect.rows, min_rows=expect.min_rows, max_rows=max_rows)
+    return Guards(rows=expect.rows, min_rows=expect.min_rows, max_rows=max_rows,
+                  max_rows_by_policy=by_policy)  # fmt: skip
 
 
 def _key_values(key: dict[str, Any], rules: TableRules) -> dict[str, Any]:

@@ -28,12 +28,18 @@ class WorkerError(Exception):
     code: ClassVar[str] = "internal"
     retryable: ClassVar[bool] = False
     #: Whether this verdict is stored in the ledger so a redelivery gets the same answer.
-    #: Only verdicts about the job and its data are; a worker fault is not.
-    recorded: ClassVar[bool] = True
+    #: Only verdicts about the job and its data are; a worker fault is not, and neither is a
+    #: verdict that this worker's schema or settings decided (another worker, or this one
+    #: after a restart, may decide otherwise): see Executor.reject.
+    recorded: bool = True
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, recorded: bool | None = None) -> None:
+        """``recorded=False`` marks one verdict as this worker's own (its settings decided it),
+        not to be stored, whatever its class says."""
         super().__init__(message)
         self.message = message
+        if recorded is not None:
+            self.recorded = recorded
 
 
 class InvalidJob(WorkerError):
@@ -91,7 +97,7 @@ class Unavailable(WorkerError):
     recorded = False
 
     def __init__(self, message: str, *, reason: str) -> None:
-        super().__init__(message)
+        super().__init__(message, recorded=False)
         self.reason = reason
 
 

@@ -74,8 +74,20 @@ class Executor:
         return await self._with_retries(job, lambda attempt: self._apply(attempt, plan))
 
     async def reject(self, job: Job, error: WorkerError) -> Reply:
-        """Answer a job the compiler refused, recording the verdict like any other."""
-        return await self._with_retries(job, lambda attempt: self._record(attempt, error))
+        """Answer a job the compiler refused: replied, never recorded.
+
+        A refusal made before the database is touched (an unknown table or column, a
+        read-only column, a type that does not fit, ``all`` under WORKER_ALLOW_ALL=false)
+        follows from this worker's schema and settings, which another worker, or this one
+        after a restart, may not share: once they allow the job, the same id must run. An id
+        that already has a reply in the ledger (it ran on a worker that allowed it) gets that
+        reply, replayed.
+        """
+        return await self._with_retries(job, lambda attempt: self._refuse(attempt, error))
+
+    async def _refuse(self, attempt: Attempt, error: WorkerError) -> Reply:
+        stored = await self._stored(attempt)
+        return attempt.failure(error) if stored is None else stored
 
     async def _with_retries(self, job: Job, unit: Callable[[Attempt], Awaitable[Reply]]) -> Reply:
         started = time.perf_counter()

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from worker import admin, ledger
+from worker import admin, deployment, ledger
 from worker.engine import Timeouts, create_engine
 from worker.errors import classify
 from worker.executor import Executor
@@ -54,6 +54,8 @@ async def open_worker(settings: Settings) -> AsyncIterator[Worker]:
     )
     endpoints: asyncio.Server | None = None
     pruning: asyncio.Task[None] | None = None
+    heartbeat: asyncio.Task[None] | None = None
+    served = False
     try:
         async with engine.begin() as connection:
             await ensure_ledger(connection)
@@ -96,7 +98,7 @@ async def open_worker(settings: Settings) -> AsyncIterator[Worker]:
         retention = parse_duration(settings.ledger_retention)
         if retention:
             pruning = asyncio.create_task(_prune_ledger(engine, retention), name="ledger prune")
-        yield Worker(
+        worker = Worker(
             settings=settings,
             transport=transport,
             executor=executor,
@@ -108,13 +110,22 @@ async def open_worker(settings: Settings) -> AsyncIterator[Worker]:
             ),
             metrics=metrics,
         )
+        offered = deployment.offer(schema, worker.policy, max_job_bytes=settings.max_job_bytes)
+        await _compare(transport, settings.consumer, offered)
+        heartbeat = asyncio.create_task(_heartbeat(transport, settings.consumer, offered),
+                                        name="deployment heartbeat")  # fmt: skip
+        yield worker
+        served = True
     finally:
-        if pruning is not None:
-            pruning.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pruning
+        for task in (pruning, heartbeat):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if endpoints is not None:
             endpoints.close()
+        if served:
+            await _leave(transport, settings.consumer)
         await transport.aclose()
         await engine.dispose()
 
@@ -129,6 +140,35 @@ async def _prune_ledger(engine: AsyncEngine, retention: dt.timedelta) -> None:
                 log.info("ledger: pruned %d row(s) older than %s", removed, retention)
         except Exception as error:  # noqa: BLE001 - logged; the next round tries again
             log.warning("ledger: pruning failed: %s", classify(error).message)
+
+
+async def _compare(transport: Transport, consumer: str, offered: deployment.Offer) -> None:
+    """Announce this worker, and warn about live workers on the prefix that would answer the
+    same job differently (README: Operating, "one prefix, one schema")."""
+    await deployment.announce(transport.redis, transport.names, consumer, offered)
+    mine = deployment.Record(consumer, offered, offered.fingerprint, seen_s=0.0)
+    others = await deployment.records(transport.redis, transport.names)
+    for line in deployment.mismatches(mine, others):
+        log.warning("deployment: %s; jobs would be answered by whichever reads them", line)
+
+
+async def _heartbeat(transport: Transport, consumer: str, offered: deployment.Offer) -> None:
+    while True:
+        await asyncio.sleep(deployment.HEARTBEAT_S)
+        try:
+            await deployment.announce(transport.redis, transport.names, consumer, offered)
+        except Exception as error:  # noqa: BLE001 - logged; the next beat tries again
+            log.warning("deployment: heartbeat failed: %s", classify(error).message)
+
+
+async def _leave(transport: Transport, consumer: str) -> None:
+    """A clean stop: drop this worker's record, and its consumer when it holds nothing."""
+    try:
+        await deployment.withdraw(transport.redis, transport.names, consumer)
+        if await transport.leave():
+            log.info("consumer %s left the group (nothing pending)", consumer)
+    except Exception as error:  # noqa: BLE001 - a stopping worker only reports it
+        log.warning("leaving the group failed: %s", classify(error).message)
 
 
 def _probes(settings: Settings, engine: AsyncEngine, transport: Transport) -> Probes:

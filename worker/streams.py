@@ -22,6 +22,11 @@ class Names:
         return f"{self.prefix}:dead"
 
     @property
+    def meta(self) -> str:
+        """The deployment record: the workers serving this prefix (worker/deployment.py)."""
+        return f"{self.prefix}:meta"
+
+    @property
     def replies(self) -> str:
         return f"{self.prefix}:replies"
 

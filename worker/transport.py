@@ -260,6 +260,18 @@ class Transport:
         pipe.xack(self.names.stream, self._group, *entry_ids)
         pipe.xdel(self.names.stream, *entry_ids)
 
+    async def leave(self) -> bool:
+        """Remove this consumer from the group if it holds nothing pending (a clean stop), so
+        ``stats`` does not list it for ever; whether it was removed. One with entries pending
+        stays: the entries must stay claimable under it."""
+        held = await self.redis.xpending_range(
+            self.names.stream, self._group, "-", "+", 1, consumername=self._consumer
+        )
+        if held:
+            return False
+        await self.redis.xgroup_delconsumer(self.names.stream, self._group, self._consumer)
+        return True
+
     async def aclose(self) -> None:
         await self.redis.aclose()
 
