@@ -23,6 +23,7 @@ table = sa.Table(
     sa.Column("b", sa.Boolean),
     sa.Column("d", sa.Date),
     sa.Column("ts", sa.DateTime),
+    sa.Column("tz", sa.DateTime(timezone=True)),
     sa.Column("tm", sa.Time),
     sa.Column("u", sa.Uuid),
     sa.Column("j", sa.JSON),
@@ -42,7 +43,13 @@ table = sa.Table(
         ("s", "x'; DROP TABLE t; --", "x'; DROP TABLE t; --"),
         ("b", True, True),
         ("d", "2024-02-29", dt.date(2024, 2, 29)),
-        ("ts", "2024-02-29T10:11:12Z", dt.datetime(2024, 2, 29, 10, 11, 12, tzinfo=dt.UTC)),
+        # A column without a time zone takes the UTC wall-clock time of a value with an offset.
+        ("ts", "2024-02-29T10:11:12Z", dt.datetime(2024, 2, 29, 10, 11, 12)),
+        ("ts", "2024-02-29T12:11:12+02:00", dt.datetime(2024, 2, 29, 10, 11, 12)),
+        ("tz", "2024-02-29T12:11:12+02:00", dt.datetime(2024, 2, 29, 10, 11, 12, tzinfo=dt.UTC)),
+        ("tz", "2024-02-29T10:11:12", dt.datetime(2024, 2, 29, 10, 11, 12, tzinfo=dt.UTC)),
+        ("n", "12.345", Decimal("12.35")),
+        ("n", "-0.005", Decimal("-0.01")),
         ("tm", "10:11", dt.time(10, 11)),
         (
             "u",

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from worker.compiler import Statement, key_update
 from worker.jobs import UpdateResult
+from worker.values import bind_type
 
 
 async def run_rows(
@@ -112,11 +113,11 @@ def _statement(shape: tuple[Any, ...], count: int) -> sa.Update:
         *((f"k{index}", columns[name]) for index, name in enumerate(keys)),
     ]
     rows = [
-        tuple(sa.bindparam(f"{name}_{row}", type_=column.type) for name, column in names)
+        tuple(sa.bindparam(f"{name}_{row}", type_=bind_type(column)) for name, column in names)
         for row in range(count)
     ]
     # WITH v(s0, k0) AS (VALUES ...): unlike FROM (VALUES ...) AS v(s0, k0), SQLite takes it too.
-    values = sa.values(*(sa.column(name, column.type) for name, column in names), name="v")
+    values = sa.values(*(sa.column(name, bind_type(column)) for name, column in names), name="v")
     listed = values.data(rows).cte("v")
     return key_update(table, sets, incs, keys, lambda name, _: listed.c[name]).returning(
         *(columns[name].label(f"_k{index}") for index, name in enumerate(keys)),

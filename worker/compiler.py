@@ -20,7 +20,7 @@ from worker.errors import ExpectationFailed, InvalidJob, MissingFilter, WorkerEr
 from worker.filters import AllOf, Compare, Filter, Negate
 from worker.jobs import Expect, Job, UpdateResult, UpdateSpec
 from worker.schema import Schema, TableRules
-from worker.values import coerce, to_json
+from worker.values import bind_type, coerce, to_json
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +171,10 @@ def compile_update(spec: UpdateSpec, schema: Schema, policy: Policy = Policy()) 
             f"an update of `{spec.table}` needs `where` or `key`; "
             'send "all": true to update every row on purpose'
         )
-    values: dict[sa.Column[Any], Any] = {rules.column(name): value for name, value in sets.items()}
+    values: dict[sa.Column[Any], Any] = {
+        (column := rules.column(name)): sa.bindparam(None, value, type_=bind_type(column))
+        for name, value in sets.items()
+    }
     for name, amount in incs.items():
         column = rules.column(name)
         values[column] = column + amount
@@ -195,7 +198,7 @@ def _by_key(
     parameters (``s0``, ``i0``, ``k0``, ...), so every job of that shape reuses the statement
     and SQLAlchemy's compiled form of it."""
     update = key_update(
-        table, sets, incs, keys, lambda name, column: sa.bindparam(name, type_=column.type)
+        table, sets, incs, keys, lambda name, column: sa.bindparam(name, type_=bind_type(column))
     )
     if returning:
         by_name = {column.name: column for column in table.columns}

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import datetime as dt
 import enum
 import math
 import uuid
 from collections.abc import Callable
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
 import sqlalchemy as sa
@@ -44,7 +45,7 @@ def coerce(column: sa.Column[Any], value: Any) -> Any:
     if convert is None:
         return value
     try:
-        return convert(value)
+        return _fitted(column_type, convert(value))
     except (TypeError, ValueError, ArithmeticError, binascii.Error) as error:
         shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
         detail = f" ({error})" if str(error) else ""
@@ -52,6 +53,52 @@ def coerce(column: sa.Column[Any], value: Any) -> Any:
             f"column `{column.table.name}.{column.name}`: {shown} is not a valid "
             f"{python_type.__name__}{detail}"
         ) from None
+
+
+def bind_type(column: sa.Column[Any]) -> sa.types.TypeEngine[Any]:
+    """The type to bind a value for ``column`` with: its own, except that a JSON column binds
+    Python ``None`` as SQL NULL (DESIGN.md §2: ``null`` sets NULL), not as the JSON ``null``."""
+    column_type = column.type
+    if isinstance(column_type, sa.JSON) and not column_type.none_as_null:
+        nullable = copy.copy(column_type)
+        nullable.none_as_null = True
+        return nullable
+    return column_type
+
+
+def _fitted(column_type: sa.types.TypeEngine[Any], value: Any) -> Any:
+    """``value`` as the column stores it, the same on both backends:
+
+    - NUMERIC(p, s): rounded to s decimals, half away from zero as PostgreSQL rounds (SQLite
+      would store 12.345 in a NUMERIC(10, 2) as it is); a value with more than p - s integer
+      digits is refused, as PostgreSQL refuses it (SQLite would store it).
+    - date-times and times with an offset: converted to UTC. A column without a time zone
+      takes the UTC wall-clock time; one with a time zone takes a value without an offset as
+      UTC. (SQLite stores no offset, and asyncpg refuses an aware value for a plain
+      ``timestamp``.)
+    """
+    if isinstance(value, Decimal) and isinstance(column_type, sa.Numeric):
+        return _to_scale(value, column_type.precision, column_type.scale)
+    if isinstance(value, dt.datetime) and isinstance(column_type, sa.DateTime):
+        utc = value if value.tzinfo is None else value.astimezone(dt.UTC)
+        if column_type.timezone:
+            return utc.replace(tzinfo=dt.UTC)
+        return utc.replace(tzinfo=None)
+    if isinstance(value, dt.time) and isinstance(column_type, sa.Time) and value.tzinfo:
+        moment = dt.datetime.combine(dt.date(2000, 1, 1), value).astimezone(dt.UTC).timetz()
+        return moment if column_type.timezone else moment.replace(tzinfo=None)
+    return value
+
+
+def _to_scale(value: Decimal, precision: int | None, scale: int | None) -> Decimal:
+    if scale is not None:
+        value = value.quantize(Decimal(1).scaleb(-scale), rounding=ROUND_HALF_UP)
+    if precision is not None:
+        digits = len(value.as_tuple().digits) + min(int(value.as_tuple().exponent), 0)
+        if value and digits > precision - (scale or 0):
+            raise ValueError(f"more than {precision - (scale or 0)} digits before the point "
+                             f"do not fit NUMERIC({precision}, {scale or 0})")  # fmt: skip
+    return value
 
 
 def to_json(value: Any) -> Any:
