@@ -137,10 +137,14 @@ async def _dead(settings: Settings, args: argparse.Namespace) -> int:
             and (not getattr(args, "letter_ids", None) or letter.id in args.letter_ids)
         ]
         if args.action == "list":
-            table = Table("letter", "failed at (ms)", "reason", "job id", "error")
+            # The letter id is what `dead show/replay/purge` take: never cut, however narrow.
+            table = Table("letter", "failed at (UTC)", "reason", "job id", "error")
+            table.columns[0].no_wrap = table.columns[1].no_wrap = True
+            table.columns[0].min_width = max((len(letter.id) for letter in chosen), default=6)
             for letter in chosen[: args.limit]:
-                table.add_row(letter.id, str(letter.failed_at_ms), letter.reason, letter.job_id,
-                              letter.error[:80])  # fmt: skip
+                failed_at = dt.datetime.fromtimestamp(letter.failed_at_ms / 1000, dt.UTC)
+                table.add_row(letter.id, failed_at.strftime("%Y-%m-%d %H:%M:%S"), letter.reason,
+                              letter.job_id, letter.error[:80])  # fmt: skip
             Console().print(table)
             print(f"{len(chosen)} dead letter(s)" + (" shown" if len(chosen) <= args.limit else
                   f", first {args.limit} shown"))  # fmt: skip
