@@ -108,6 +108,19 @@ class InternalError(WorkerError):
     recorded = False
 
 
+class Fenced(WorkerError):
+    """This worker no longer owns these partitions: a newer owner raised their generation.
+
+    Never a reply: nothing was applied, and the new owner answers the entries (from the
+    ledger, where this worker had committed them before)."""
+
+    recorded = False
+
+    def __init__(self, partitions: list[int]) -> None:
+        super().__init__(f"fenced out of partition(s) {partitions}: a newer owner took over")
+        self.partitions = partitions
+
+
 class SettingsError(Exception):
     """A bad setting. The message is one line that names the variable or flag."""
 

@@ -30,6 +30,7 @@ from pydantic import (
 
 from worker.errors import InvalidJob, WorkerError
 from worker.filters import FILTER_JSON_SCHEMA, Filter, parse_where
+from worker.partitions import derive_order_key
 
 MAX_UPDATES_PER_BATCH: Final = 100
 #: Columns one update may name in `set` and `inc` together, and in `returning`.
@@ -98,12 +99,14 @@ class UpdateSpec(_Strict):
 
 class SingleJob(UpdateSpec):
     id: JobId | None = None
+    order_key: JobId | None = None
     reply_to: Channel | None = None
     dry_run: StrictBool = False
 
 
 class BatchJob(_Strict):
     id: JobId | None = None
+    order_key: JobId | None = None
     updates: Annotated[list[UpdateSpec], Field(min_length=1, max_length=MAX_UPDATES_PER_BATCH)]
     reply_to: Channel | None = None
     dry_run: StrictBool = False
@@ -120,6 +123,8 @@ class Job:
     id: str
     updates: tuple[UpdateSpec, ...]
     batch: bool
+    #: Jobs that share it take effect in the order they were added (DESIGN.md §11).
+    order_key: str
     reply_to: str | None
     dry_run: bool
     payload_hash: str
@@ -185,10 +190,13 @@ def _parse_document(document: dict[str, Any], *, entry_id: str) -> Job | Rejecti
             updates, dry_run = (single,), single.dry_run
     except ValidationError as error:
         return Rejection(id=job_id, reply_to=channel, error=InvalidJob(_summarize(error)))
+    order_key = derive_order_key(document)
+    assert order_key is not None, "a valid job always has one"  # noqa: S101 - an invariant
     return Job(
         id=job_id,
         updates=updates,
         batch="updates" in document,
+        order_key=order_key,
         reply_to=channel,
         dry_run=dry_run,
         payload_hash=payload_hash(document),
