@@ -21,6 +21,29 @@ class Names:
     def dead(self) -> str:
         return f"{self.prefix}:dead"
 
+    def partition(self, number: int) -> str:
+        """Partition ``number``'s stream; the ``{p<n>}`` tag keeps its keys in one slot."""
+        return f"{self.prefix}:{{p{number}}}:jobs"
+
+    def owner(self, number: int) -> str:
+        """Partition ``number``'s lease: the owning worker's name, with a TTL."""
+        return f"{self.prefix}:{{p{number}}}:owner"
+
+    def moved(self, number: int) -> str:
+        """The ingest mover's mark in partition ``number``: the last ingest entry id moved
+        there, and the newest mover generation that wrote there (same slot as the stream)."""
+        return f"{self.prefix}:{{p{number}}}:moved"
+
+    @property
+    def mover(self) -> str:
+        """The ingest mover's lease, in the ingest stream's slot (its tag is the stream's
+        whole name, which is what an untagged key hashes)."""
+        return f"{{{self.stream}}}:mover"
+
+    @property
+    def mover_generation(self) -> str:
+        return f"{{{self.stream}}}:mover-generation"
+
     @property
     def meta(self) -> str:
         """The deployment record: the workers serving this prefix (worker/deployment.py)."""
