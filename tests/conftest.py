@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -155,11 +156,18 @@ async def start_worker(
         worker = await stack.enter_async_context(open_worker(make_settings(**overrides)))
         stop = asyncio.Event()
         runs.append((stop, asyncio.create_task(worker.run(stop))))
+        # Serving once its first ownership tick took its share of the partitions.
+        await asyncio.wait_for(worker.ownership.settled.wait(), 30)
         return worker
 
     yield start
     for stop, _ in runs:
         stop.set()
     for _, task in runs:
-        await asyncio.wait_for(task, 15)
+        done, _ = await asyncio.wait({task}, timeout=15)
+        if not done:  # say where it hangs: every task's stack
+            for running in asyncio.all_tasks():
+                print(f"task {running.get_name()}:", file=sys.stderr)
+                running.print_stack(file=sys.stderr)
+            pytest.fail("a worker did not stop within 15 s of its stop event")
     await stack.aclose()

@@ -25,7 +25,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import eventually
 from tests.faults import PrivateRedis, WorkerProcesses
+from worker import admin
 from worker.jobs import Reply
+from worker.streams import Names
 
 pytestmark = pytest.mark.slow
 
@@ -227,7 +229,7 @@ async def settle(redis: Redis, prefix: str, jobs: int, *, timeout: float) -> Non
         try:
             stored = await redis.mget(keys)
             done = sum(1 for data in stored if data and b'"status":"ok"' in data)
-            backlog = await redis.xlen(f"{prefix}:jobs")
+            backlog, _, _ = await admin.backlog(redis, Names(prefix), GROUP, 16)
             if done == jobs and backlog == 0:
                 return
         except (OSError, ConnectionError):
@@ -259,8 +261,10 @@ async def measure(figures: Figures, engine: AsyncEngine, redis: Redis, prefix: s
     figures.ok_replies_stored = sum(
         1 for data in stored if data and Reply.model_validate_json(data).status == "ok"
     )
-    figures.left_pending = int((await redis.xpending(f"{prefix}:jobs", GROUP))["pending"])
-    figures.left_in_stream = int(await redis.xlen(f"{prefix}:jobs"))
+    # Over the ingest and every partition stream.
+    figures.left_in_stream, figures.left_pending, _ = await admin.backlog(
+        redis, Names(prefix), GROUP, 16
+    )
     figures.dead_letters = int(await redis.xlen(f"{prefix}:dead"))
 
 
@@ -311,7 +315,7 @@ async def test_sigkill_redis_crash_and_backend_kills_lose_nothing_and_double_not
     figures.kills = workers.kills
     figures.redis_restarts = private_redis.restarts
     figures.replies_seen = counter.seen
-    figures.entries_reclaimed = sum(map(int, workers.matches(r"claimed (\d+) entr")))
+    figures.entries_reclaimed = sum(map(int, workers.matches(r"generation \d+, (\d+) pending")))
     figures.database_retries = len(workers.matches(r"attempt \d+ of \d+; retrying"))
     figures.redis_retries = len(workers.matches(r"failed \(.*\), try \d+ of|reading jobs failed"))
     figures.seconds = round(time.monotonic() - started, 1)
@@ -356,7 +360,8 @@ async def test_sigterm_under_load_exits_zero_and_leaves_nothing_half_done(
         answered = {n for n, data in enumerate(await redis.mget(keys)) if data}
         pending_ids = [
             row["message_id"]
-            for row in await redis.xpending_range(f"{prefix}:jobs", GROUP, "-", "+", jobs)
+            for stream in map(Names(prefix).partition, range(16))
+            for row in await redis.xpending_range(stream, GROUP, "-", "+", jobs)
         ]
         if grace == "10":
             assert pending_ids == []  # everything in flight finished within the grace period
@@ -430,4 +435,6 @@ async def test_a_second_signal_exits_at_once_and_leaves_the_running_job_pending(
 
 
 async def _pending_count(redis: Redis, stream: str) -> int:
-    return int((await redis.xpending(stream, GROUP))["pending"])
+    """Pending over the ingest ``stream`` and its partitions (job-1 waits in its partition)."""
+    prefix = stream.removesuffix(":jobs")
+    return (await admin.backlog(redis, Names(prefix), GROUP, 16))[1]

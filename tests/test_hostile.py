@@ -22,6 +22,7 @@ INJECTION = "items; DROP TABLE items; --"
 CASES: list[tuple[str, Any, str]] = [
     ("h-table", {"table": INJECTION, "set": {"qty": 1}, "all": True}, "unknown_table"),
     ("h-ledger", {"table": "update_worker_ledger", "set": {"reply": "x"}, "all": True}, "unknown_table"),
+    ("h-fence", {"table": "update_worker_partitions", "set": {"generation": 0}, "all": True}, "unknown_table"),
     ("h-catalog", {"table": "pg_catalog.pg_authid", "set": {"rolsuper": True}, "all": True}, "unknown_table"),
     ("h-set-column", {"table": "items", "set": {"qty = 0, name": "x"}, "key": {"id": 1}}, "unknown_column"),
     ("h-where-column", {"table": "items", "set": {"qty": 1}, "where": {"1=1 OR id": 1}}, "unknown_column"),

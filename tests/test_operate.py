@@ -87,8 +87,8 @@ async def test_health_endpoints_fail_with_the_reason() -> None:
     async def broken() -> list[str]:
         return ["database: connection refused"]
 
-    async def backlog() -> tuple[int, int]:
-        return 7, 2
+    async def backlog() -> tuple[int, int, int]:
+        return 7, 2, 1
 
     metrics, port = Metrics(), free_port()
     server = await serve_http(port, metrics, Probes(broken, backlog, liveness_s=5))
@@ -285,32 +285,43 @@ async def test_json_log_lines_parse_and_never_show_a_password(
     assert "hunter2" not in output + wrong.stdout + wrong.stderr
 
 
-async def test_stats_shows_backlog_pending_consumers_and_dead_letters(
+async def test_stats_shows_backlog_pending_consumers_partitions_and_dead_letters(
     redis: Redis, prefix: str
 ) -> None:
-    stream = f"{prefix}:jobs"
-    for number in range(3):
-        await redis.xadd(
-            stream, {"job": json.dumps({"table": "items", "set": {"qty": number}, "all": True})}
-        )
-    await redis.xgroup_create(stream, "update-workers", id="0")
-    await redis.xreadgroup("update-workers", "busy-consumer", {stream: ">"}, count=2)
+    names = Names(prefix)
+    await deployment.record_partitions(redis, names, 4)
+    await redis.xadd(names.stream, {"job": "{}"})  # one not moved yet
+    for number in (1, 2):
+        stream = names.partition(number)
+        await redis.xgroup_create(stream, "update-workers", id="0", mkstream=True)
+        for _ in range(2):
+            await redis.xadd(stream, {"job": json.dumps({"table": "items", "all": True,
+                                                         "set": {"qty": 0}})})  # fmt: skip
+    await redis.xreadgroup("update-workers", "busy-consumer", {names.partition(1): ">"}, count=2)
+    await redis.xreadgroup("update-workers", "live-consumer", {names.partition(2): ">"}, count=1)
     await redis.xadd(f"{prefix}:dead", {"reason": "unparsable", "entry_id": "1-0"})
-    await redis.xreadgroup("update-workers", "live-consumer", {stream: ">"}, count=1)
     offer = deployment.Offer(tables={}, settings={})
-    await deployment.announce(redis, Names(prefix), "live-consumer", offer)
+    await deployment.announce(redis, names, "live-consumer", offer)
+    await redis.set(names.owner(2), "live-consumer", px=10_000)
+    await redis.set(names.owner(1), "busy-consumer", px=10_000)  # a lease, but no live worker
     result = await cli(
         "stats", "--interval", "0.2", WORKER_REDIS_URL=REDIS_URL, WORKER_PREFIX=prefix
     )
     assert result.returncode == 0, result.stderr
-    rows = {cells[0]: cells[1] for line in result.stdout.splitlines()
-            if len(cells := [cell.strip() for cell in line.strip("│ ").split("│")]) == 2}  # fmt: skip
-    assert (rows["stream length"], rows["pending"], rows["dead letters"]) == ("3", "3", "1")
-    assert rows["consumers"] == "2"
+    rows = {cells[0]: cells[1:] for line in result.stdout.splitlines()
+            if len(cells := [cell.strip() for cell in line.strip("│┃ ").split("│")]) >= 2}  # fmt: skip
+    assert rows["backlog (all streams)"] == ["5"]
+    assert rows["ingest, not yet moved"] == ["1"]
+    assert (rows["pending"], rows["dead letters"], rows["consumers"]) == (["3"], ["1"], ["2"])
+    assert rows["oldest pending"][0].endswith(" s")
     # A consumer is alive while its worker's deployment record is fresh.
-    assert rows["busy-consumer"].startswith("gone, 2 pending")
-    assert rows["live-consumer"].startswith("alive, 1 pending")
-    assert rows["oldest pending"].endswith(" s")
+    assert rows["busy-consumer"][0].startswith("gone, 2 pending")
+    assert rows["live-consumer"][0].startswith("alive, 1 pending")
+    assert rows["live-consumer"][0].endswith("partitions 2")
+    # The partitions: owner, backlog, pending; one without a live owner stands out.
+    assert rows["1"] == ["busy-consumer", "2", "2", rows["1"][3]]
+    assert rows["2"][:3] == ["live-consumer", "2", "1"]
+    assert rows["0"][:3] == ["none", "0", "0"]
 
 
 async def test_nested_commands_take_settings_flags_and_refuse_a_bad_duration(

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tests.conftest import REDIS_URL, WorkerFactory
 from tests.test_cli import ROOT
 from worker.client import UpdateClient
+from worker.fencing import ensure_partitions
 from worker.ledger import ensure_ledger
 
 pytestmark = pytest.mark.parametrize("backend", ["postgresql"], indirect=True)  # roles are PG's
@@ -35,7 +36,8 @@ def readme_grants(role: str) -> list[str]:
 async def role_url(engine: AsyncEngine, database_url: str) -> AsyncIterator[str]:
     role = f"uw_{uuid.uuid4().hex[:8]}"
     async with engine.begin() as connection:
-        await ensure_ledger(connection)  # created by its owner, as the README says
+        await ensure_ledger(connection)  # created by their owner, as the README says
+        await ensure_partitions(connection, 16)
         for statement in readme_grants(role):
             await connection.execute(sa.text(statement))
     yield (

@@ -1,31 +1,31 @@
-"""Crash recovery on the real Redis and both databases: claims, renewals, poison entries,
-deleted entries, transient failures that outlast the retries, deadlocks, and timeouts."""
+"""Crash recovery on the real Redis and both databases: takeover claims, fenced reads, poison
+entries, deleted entries, transient failures that outlast the retries, deadlocks, timeouts."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.conftest import REDIS_URL, WorkerFactory, eventually
+from tests.conftest import WorkerFactory, eventually
 from tests.tables import items
 from tests.test_service import text
 from worker.engine import Timeouts, create_engine
 from worker.errors import Unavailable
 from worker.jobs import Reply
-from worker.redis_client import connect
+from worker.partitions import derive_order_key, partition_of
+from worker.reading import Reader
 from worker.settings import Settings
 from worker.startup import open_worker
 from worker.streams import Names
-from worker.transport import Transport
 
 GROUP = "update-workers"
 
@@ -59,12 +59,25 @@ async def pending_rows(redis: Redis, stream: str, consumer: str | None = None) -
 
 
 async def pending(redis: Redis, prefix: str) -> int:
-    return int((await redis.xpending(f"{prefix}:jobs", GROUP))["pending"])
+    """Entries pending anywhere: the ingest and every partition."""
+    names = Names(prefix)
+    total = 0
+    for stream in (names.stream, *map(names.partition, range(16))):
+        with contextlib.suppress(ResponseError):  # no such stream yet
+            total += int((await redis.xpending(stream, GROUP))["pending"])
+    return total
+
+
+def partition_stream(prefix: str, job: dict[str, Any]) -> str:
+    order_key = derive_order_key(job)
+    assert order_key is not None
+    return Names(prefix).partition(partition_of(order_key, 16))
 
 
 async def orphan(redis: Redis, prefix: str, job: dict[str, Any], *, deliveries: int = 1) -> str:
-    """An entry a worker read and then died holding, as if delivered ``deliveries`` times."""
-    stream = f"{prefix}:jobs"
+    """An entry a worker read from its partition and then died holding, as if delivered
+    ``deliveries`` times."""
+    stream = partition_stream(prefix, job)
     with contextlib.suppress(Exception):  # BUSYGROUP: the group is there already
         await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
     entry_id = text(await redis.xadd(stream, {"job": json.dumps(job)}))
@@ -99,44 +112,47 @@ async def _is_zero(count: Awaitable[int]) -> bool:
     return await count == 0
 
 
-async def test_a_slow_job_keeps_its_claim_so_no_other_worker_takes_it(
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+async def test_a_slow_job_is_not_taken_from_a_live_owner(
     start_worker: WorkerFactory, redis: Redis, prefix: str, engine: AsyncEngine
 ) -> None:
-    stream = f"{prefix}:jobs"
-    await start_worker(consumer="slow", claim_idle_ms=300, lock_timeout_ms=20_000)
+    """A worker joins while the owner runs a slow job on a partition that is now assigned to
+    the newcomer: the handover waits for the job, which stays with its owner. (PostgreSQL
+    only: on SQLite the test's row lock is the whole file's write lock, and no second worker
+    could even start under it.)"""
+    stream = partition_stream(prefix, inc_job("slow-1"))
+    await start_worker(consumer="a-slow", lock_timeout_ms=20_000)
     async with row_locked(engine, 1):
-        await redis.xadd(stream, {"job": json.dumps(inc_job("slow-1"))})
-        await eventually(lambda: pending_rows(redis, stream, "slow"))
-        await start_worker(consumer="thief", claim_idle_ms=300)
-        # Five times the idle limit: without renewal the thief would have claimed it by now.
-        deadline = time.monotonic() + 1.5
-        while time.monotonic() < deadline:
-            [entry] = await pending_rows(redis, stream)
-            assert (entry["consumer"], entry["times_delivered"]) == (b"slow", 1)
-            await asyncio.sleep(0.05)
+        await redis.xadd(f"{prefix}:jobs", {"job": json.dumps(inc_job("slow-1"))})
+        await eventually(lambda: pending_rows(redis, stream, "a-slow"))
+        await start_worker(consumer="b-thief")
+        await eventually(lambda: _owns(redis, prefix, "b-thief"))  # the rebalance is under way
+        [entry] = await pending_rows(redis, stream)
+        assert (entry["consumer"], entry["times_delivered"]) == (b"a-slow", 1)
     reply = await result(redis, prefix, "slow-1")
-    assert (reply.status, reply.worker, reply.attempts) == ("ok", "slow", 1)
+    assert (reply.status, reply.worker, reply.attempts) == ("ok", "a-slow", 1)
     assert await qty(engine, 1) == 11
 
 
-async def test_renewal_keeps_own_entries_and_never_steals_back(redis: Redis, prefix: str) -> None:
-    stream = f"{prefix}:jobs"
-    transport = Transport(
-        connect(REDIS_URL), Names(prefix), group=GROUP, consumer="me", result_ttl=60
-    )
-    await transport.ensure_group()
-    mine, theirs = [text(await redis.xadd(stream, {"job": "{}"})) for _ in range(2)]
-    await redis.xreadgroup(GROUP, "me", {stream: ">"}, count=1)
-    await redis.xreadgroup(GROUP, "other", {stream: ">"}, count=1)
-    await asyncio.sleep(0.2)  # let both entries age, so a renewal shows as a reset idle time
-    assert await transport.renew([mine, theirs, "0-1"]) == [theirs]  # 0-1: answered already
-    by_id = {text(row["message_id"]): row for row in await pending_rows(redis, stream)}
-    assert by_id[mine]["consumer"] == b"me"
-    assert by_id[mine]["time_since_delivered"] < 150
-    assert by_id[theirs]["consumer"] == b"other"
-    assert by_id[theirs]["time_since_delivered"] >= 200
-    assert [row["times_delivered"] for row in by_id.values()] == [1, 1]  # JUSTID: no new delivery
-    await transport.aclose()
+async def _owns(redis: Redis, prefix: str, consumer: str) -> bool:
+    owners = [await redis.get(Names(prefix).owner(number)) for number in range(16)]
+    return consumer.encode() in owners
+
+
+async def test_a_worker_that_lost_its_lease_is_handed_nothing(redis: Redis, prefix: str) -> None:
+    """The read that closes the door on a paused old owner: once the lease names another
+    worker, XREADGROUP is not even run for the old one."""
+    names = Names(prefix)
+    stream = names.partition(3)
+    await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    await redis.xadd(stream, {"job": "{}"})
+    old = Reader(redis, names, group=GROUP, consumer="old")
+    await redis.set(names.owner(3), "new", px=10_000)
+    batch = await old.read([3], count=10)
+    assert (batch.entries, batch.lost) == ([], [3])
+    assert await pending(redis, prefix) == 0  # nothing was handed out
+    new = Reader(redis, names, group=GROUP, consumer="new")
+    assert [entry.partition for entry in (await new.read([3], count=10)).entries] == [3]
 
 
 @pytest.mark.parametrize("last_failure", ["none", "unavailable"])
@@ -190,7 +206,7 @@ async def test_a_pending_entry_whose_data_was_deleted_is_acked_and_recorded(
     start_worker: WorkerFactory, redis: Redis, prefix: str
 ) -> None:
     entry_id = await orphan(redis, prefix, inc_job("gone-1"))
-    await redis.xdel(f"{prefix}:jobs", entry_id)
+    await redis.xdel(partition_stream(prefix, inc_job("gone-1")), entry_id)
     await start_worker(claim_idle_ms=200)
     [letter] = await eventually(lambda: dead_letters(redis, prefix))
     assert (letter["entry_id"], letter["reason"]) == (entry_id, "entry_deleted")

@@ -23,10 +23,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import eventually
 from tests.test_cli import CLI, ROOT, clean_env, free_port
+from worker import deployment
 from worker.admin import backlog
 from worker.jobs import Reply
+from worker.mover import Mover
+from worker.owners import Leases
+from worker.reading import Reader
 from worker.redis_client import RedisTLS, connect
-from worker.streams import Entry, Names
+from worker.streams import Names
 from worker.transport import Transport
 
 PASSWORD = "w0rker-Secret"  # noqa: S105 - a throwaway server's
@@ -116,27 +120,41 @@ async def test_every_worker_command_runs_under_the_minimal_acl(
     redis = connect(
         tls_redis.url("update-worker", PASSWORD), tls=RedisTLS(ca_file=str(tls_redis.ca))
     )
-    transport = Transport(redis, Names(prefix), group="g", consumer="c1", result_ttl=60)
+    names = Names(prefix)
+    transport = Transport(redis, names, group="g", consumer="c1", result_ttl=60)
     try:
         assert await redis.ping()
-        await transport.ensure_group()
+        assert await deployment.record_partitions(redis, names, 2) == 2  # HSETNX + HGET
+        await transport.ensure_groups(2)
+        offer = deployment.Offer(tables={}, settings={})
+        await deployment.announce(redis, names, "c1", offer)  # HSET + HGETALL (+ HDEL)
         async with tls_redis.admin() as admin:
-            added: Any = await admin.xadd(f"{prefix}:jobs", {"job": "{}"})
-            first = added.decode()
-            await admin.xadd(f"{prefix}:jobs", {"job": "{}"})
-        entries = await transport.read(count=10, block_ms=100)
-        assert [entry.id for entry in entries][:1] == [first]
-        assert await transport.renew([entry.id for entry in entries]) == []  # EVALSHA + XCLAIM
-        await asyncio.sleep(0.05)
-        claimed = await transport.claim(count=10, min_idle_ms=1)  # XAUTOCLAIM + XPENDING
-        assert len(claimed.entries) == 2
+            for number in range(3):  # three jobs on the ingest, as a producer sends them
+                await admin.xadd(names.stream, {"job": f'{{"table":"t","key":{{"id":{number}}}}}'})
+        mover = Mover(redis, names, me="c1", group="g", partitions=2, lease_ms=5000)
+        assert await mover.acquire()  # EVALSHA: EXISTS, INCR, SET
+        assert await mover.renew()  # EVALSHA: GET, PEXPIRE
+        await mover.drain()  # EVALSHA: XAUTOCLAIM, XREADGROUP, XINFO GROUPS, HGET, HSET, XADD
+        leases = Leases(redis, names, me="c1", partitions=2, lease_ms=5000)
+        assert [await leases.acquire(number) for number in range(2)] == [True, True]  # SET NX PX
+        assert await leases.renew() == []
+        assert set((await leases.survey()).values()) == {"c1"}
+        reader = Reader(redis, names, group="g", consumer="c1")
+        entries = (await reader.read([0, 1], count=10)).entries  # EVALSHA: XREADGROUP, XINFO
+        assert len(entries) == 3
+        await reader.wait({0: "$"}, block_ms=10)  # XREAD
+        claimed = await reader.claim_all(entries[0].partition)  # XAUTOCLAIM + XPENDING
+        assert claimed.entries
         reply = Reply(id="acl-1", status="ok", rowcount=1)
-        await transport.reply(entries[0].id, reply, channel=f"{prefix}:replies")
-        await transport.dead_letter(Entry(entries[1].id, {b"job": b"{}"}), reason="unparsable",
-                                    reply=reply, channel=None)  # fmt: skip
-        await transport.drop_deleted(["0-1"])
+        await transport.reply(entries[0], reply, channel=f"{prefix}:replies")
+        await transport.dead_letter(entries[1], reason="unparsable", reply=reply, channel=None)
+        await transport.drop_deleted(0, ["0-1"])
         assert await transport.stored_reply("acl-1") is not None
-        assert await backlog(redis, Names(prefix), "g") == (0, 0)  # XLEN + XPENDING (metrics)
+        assert (await backlog(redis, names, "g", 2))[2] == 0  # XLEN + XPENDING (metrics)
+        await leases.release(0)  # EVALSHA: GET, DEL
+        await mover.release()
+        await deployment.withdraw(redis, names, "c1")
+        assert not await transport.leave(2)  # XPENDING, XGROUP DELCONSUMER: one entry left
         for forbidden in (redis.get("elsewhere:key"), redis.flushall(), redis.keys("*")):
             with pytest.raises(NoPermissionError):
                 await forbidden

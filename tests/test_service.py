@@ -16,6 +16,7 @@ from tests.conftest import REDIS_URL, WorkerFactory
 from tests.model_app import FIXED_NOW, Base
 from worker.client import UpdateClient
 from worker.jobs import Reply
+from worker.reading import Reader
 from worker.redis_client import connect
 from worker.streams import Names
 from worker.transport import Transport
@@ -179,9 +180,10 @@ async def test_a_blocking_read_longer_than_the_default_socket_timeout_does_not_r
     transport = Transport(
         connect(REDIS_URL, block_ms=6000), Names(prefix), group="g", consumer="c", result_ttl=60
     )
-    await transport.ensure_group()
+    await transport.ensure_groups(1)
+    reader = Reader(transport.redis, Names(prefix), group="g", consumer="c")
     started = time.monotonic()
-    assert await transport.read(count=10, block_ms=6000) == []
+    await reader.wait({0: "0-0"}, block_ms=6000)  # how a worker waits for new entries
     assert time.monotonic() - started >= 5.9
     await transport.aclose()
 
@@ -189,17 +191,22 @@ async def test_a_blocking_read_longer_than_the_default_socket_timeout_does_not_r
 async def test_the_group_is_recreated_when_the_stream_vanishes(
     start_worker: WorkerFactory, redis: Redis, prefix: str
 ) -> None:
-    await start_worker()
-    await redis.delete(f"{prefix}:jobs")
-    await asyncio.sleep(0)  # the worker's next read meets NOGROUP and recreates the group
+    worker = await start_worker()
+    # The ingest and every partition stream vanish, group and all (a DEL, a Redis restart
+    # without persistence): the mover and the reads meet NOGROUP and recreate them.
+    await redis.delete(f"{prefix}:jobs", *map(worker.reader.names.partition, range(16)))
     async with UpdateClient(REDIS_URL, prefix=prefix) as client:
-        for _ in range(50):
-            if await redis.exists(f"{prefix}:jobs"):
+        for _ in range(100):
+            if await redis.exists(f"{prefix}:jobs", worker.reader.names.partition(1)) == 2:
                 break
             await asyncio.sleep(0.1)
         assert (
             await client.update("users", key={"id": 1}, set={"age": 4}, timeout=10)
         ).status == "ok"
+        # and through the ingest, as a redis-cli producer sends it
+        await redis.xadd(f"{prefix}:jobs", {"job": json.dumps(
+            {"id": "via-ingest", "table": "users", "key": {"id": 1}, "set": {"age": 5}})})  # fmt: skip
+        assert (await client.result("via-ingest", timeout=10)).status == "ok"
 
 
 async def test_models_apply_onupdate_and_type_decorators(

@@ -1,5 +1,6 @@
-"""What an operator asks of a deployment: is it in order (``check``, ``/readyz``), and how is
-it doing (``stats``, the backlog gauges). Read-only: nothing here changes Redis or the database.
+"""What an operator asks of a deployment: is it in order (``check``, ``/readyz``), and its
+backlog (the gauges); ``stats`` is worker/snapshot.py. Read-only: nothing here changes Redis or
+the database.
 
 Every problem is one line that starts with the component it is about (``redis:``,
 ``database:``, ``group:``, ``ledger:``), with any password masked.
@@ -9,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
@@ -24,7 +23,7 @@ from worker import deployment
 from worker.errors import classify
 from worker.ledger import LEDGER_TABLE, ledger
 from worker.logs import mask_secrets
-from worker.streams import Names, entry_ms, text
+from worker.streams import Names, text
 
 #: How a TLS server answers a plaintext client: it drops the connection.
 _DROPPED = re.compile(r"reset by peer|closed by server|Connection closed|EOF", re.IGNORECASE)
@@ -52,7 +51,13 @@ async def reachability(redis: Redis, engine: AsyncEngine, *, deadline_s: float) 
 
 
 async def setup(
-    redis: Redis, engine: AsyncEngine, names: Names, group: str, *, deadline_s: float
+    redis: Redis,
+    engine: AsyncEngine,
+    names: Names,
+    group: str,
+    *,
+    partitions: int,
+    deadline_s: float,
 ) -> list[str]:
     """Reachability, then what a worker needs in place: its consumer group and the ledger."""
     problems = await reachability(redis, engine, deadline_s=deadline_s)
@@ -68,7 +73,7 @@ async def setup(
             else:
                 problems.append(f"group: {mask_secrets(str(error))}")
         else:  # with a group there may be workers: do they agree?
-            problems.extend(await deployment_problems(redis, names))
+            problems.extend(await deployment_problems(redis, names, partitions))
     if not any(problem.startswith("database:") for problem in problems):
 
         async def ledger_ready() -> None:
@@ -83,17 +88,30 @@ async def setup(
     return problems
 
 
-async def deployment_problems(redis: Redis, names: Names) -> list[str]:
-    """Live workers on the prefix that would answer the same job differently."""
+async def deployment_problems(redis: Redis, names: Names, partitions: int) -> list[str]:
+    """Live workers on the prefix that would answer the same job differently; a partition
+    count other than the recorded one; partitions no live worker owns."""
     try:
         every = await deployment.records(redis, names)
+        recorded = await deployment.recorded_partitions(redis, names)
+        owners = [await redis.get(names.owner(number)) for number in range(recorded or 0)]
     except RedisError as error:
         return [f"deployment: {mask_secrets(classify(error).message)}"]
     live = [record for record in every if record.live]
-    if len({record.fingerprint for record in live}) <= 1:
-        return []
-    return [f"deployment: {line} (prefix {names.prefix!r}: one prefix, one schema and settings)"
-            for line in deployment.mismatches(live[0], live[1:])]  # fmt: skip
+    problems = []
+    if recorded is not None and recorded != partitions:
+        problems.append(f"partitions: this deployment has {recorded}, WORKER_PARTITIONS says "
+                        f"{partitions} (a worker would refuse to start)")  # fmt: skip
+    alive = {record.consumer for record in live}
+    if orphaned := [number for number, owner in enumerate(owners)
+                    if owner is None or text(owner) not in alive]:  # fmt: skip
+        problems.append(f"partitions: {', '.join(map(str, orphaned))} have no live owner "
+                        "(their jobs wait until a worker takes them)")  # fmt: skip
+    if len({record.fingerprint for record in live}) > 1:
+        note = f"(prefix {names.prefix!r}: one prefix, one schema and settings)"
+        problems += [f"deployment: {line} {note}"
+                     for line in deployment.mismatches(live[0], live[1:])]  # fmt: skip
+    return problems
 
 
 async def local_readiness(port: int, *, deadline_s: float) -> str | None:
@@ -121,74 +139,20 @@ async def local_readiness(port: int, *, deadline_s: float) -> str | None:
         return f"worker: no worker answers /readyz on :{port} ({error or 'no answer'})"
 
 
-async def backlog(redis: Redis, names: Names, group: str) -> tuple[int, int]:
-    """The stream's length (unread plus pending) and the group's pending count."""
+async def backlog(redis: Redis, names: Names, group: str, partitions: int) -> tuple[int, int, int]:
+    """Entries in the ingest and partition streams (unread plus pending), the group's pending
+    count over them, and the ingest's own length (entries not yet moved)."""
+    streams = [names.stream, *map(names.partition, range(partitions))]
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.xlen(names.stream)
-        pipe.xpending(names.stream, group)
-        try:
-            length, pending = await pipe.execute()
-        except ResponseError:
-            return 0, 0  # no stream or group yet
-    return int(length), int(pending["pending"])
-
-
-@dataclass(frozen=True, slots=True)
-class Consumer:
-    name: str
-    pending: int
-    idle_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """One look at a deployment, for ``update-worker stats``."""
-
-    taken: float
-    stream_length: int
-    pending: int
-    #: Entries the group has read minus those pending: the answered ones, ever.
-    answered: int
-    oldest_pending_age_s: float | None
-    dead_letters: int
-    consumers: list[Consumer] = field(default_factory=list)
-    #: Consumers whose worker is running: its deployment record is fresh.
-    alive: frozenset[str] = frozenset()
-
-    def rate(self, earlier: Snapshot) -> float:
-        """Jobs answered per second since ``earlier``."""
-        elapsed = self.taken - earlier.taken
-        return max(0, self.answered - earlier.answered) / elapsed if elapsed > 0 else 0.0
-
-
-async def snapshot(redis: Redis, names: Names, group: str) -> Snapshot:
-    try:
-        groups = await redis.xinfo_groups(names.stream)
-    except ResponseError:
-        groups = []
-    info: dict[str, Any] = next((g for g in groups if text(g.get("name")) == group), {})
-    consumers, oldest = [], None
-    if info:
-        for entry in await redis.xinfo_consumers(names.stream, group):
-            consumers.append(Consumer(text(entry["name"]), int(entry["pending"]),
-                                      int(entry["idle"]) / 1000))  # fmt: skip
-        summary = await redis.xpending(names.stream, group)
-        if summary["pending"]:
-            oldest = max(0.0, time.time() - entry_ms(text(summary["min"])) / 1000)
-    length = await redis.xlen(names.stream)
-    pending = int(info.get("pending", 0))
-    return Snapshot(
-        taken=time.monotonic(),
-        stream_length=int(length),
-        pending=pending,
-        answered=int(info.get("entries-read") or 0) - pending,
-        oldest_pending_age_s=oldest,
-        dead_letters=int(await redis.xlen(names.dead)),
-        consumers=sorted(consumers, key=lambda consumer: consumer.name),
-        alive=frozenset(
-            record.consumer for record in await deployment.records(redis, names) if record.live
-        ),
-    )
+        for stream in streams:
+            pipe.xlen(stream)
+            pipe.xpending(stream, group)
+        found = await pipe.execute(raise_on_error=False)
+    lengths, pendings = found[::2], found[1::2]
+    length = sum(int(value) for value in lengths if not isinstance(value, Exception))
+    pending = sum(int(value["pending"]) for value in pendings if isinstance(value, dict))
+    ingest = lengths[0] if not isinstance(lengths[0], Exception) else 0
+    return length, pending, int(ingest)
 
 
 async def _problem(

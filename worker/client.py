@@ -24,8 +24,10 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
+from worker import deployment
 from worker.errors import REDIS_BACKOFF, InvalidJob, retry_transient
 from worker.jobs import Reply, validate
+from worker.partitions import derive_order_key, partition_of
 from worker.redis_client import connect
 from worker.streams import Names
 
@@ -55,6 +57,7 @@ class UpdateClient:
         self._interim: dict[str, Reply] = {}
         self._pubsub: PubSub | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._partition_count: int | None = None
 
     async def __aenter__(self) -> Self:
         return self
@@ -83,25 +86,40 @@ class UpdateClient:
         job that a failed try did add is applied once all the same (the worker's ledger).
         """
         prepared = [self._prepare(job) for job in jobs]
-        if any(waits for _, _, waits in prepared):
+        if any(waits for _, _, waits, _ in prepared):
             await self._listen()
         loop = asyncio.get_running_loop()
-        for job_id, _, waits in prepared:
+        for job_id, _, waits, _ in prepared:
             if waits:
                 self._waiting.setdefault(job_id, loop.create_future())
 
+        partitions = await self._partitions()
+
         async def send() -> None:
             async with self._redis.pipeline(transaction=False) as pipe:
-                for _, encoded, _ in prepared:
-                    pipe.xadd(self.names.stream, {"job": encoded})
+                for _, encoded, _, order_key in prepared:
+                    pipe.xadd(self._stream(order_key, partitions), {"job": encoded})
                 await pipe.execute()
 
         await retry_transient(send, attempts=_SEND_ATTEMPTS, backoff=REDIS_BACKOFF,
                               what=f"sending {len(prepared)} job(s)")  # fmt: skip
-        return [job_id for job_id, _, _ in prepared]
+        return [job_id for job_id, _, _, _ in prepared]
 
-    def _prepare(self, job: Mapping[str, Any]) -> tuple[str, str, bool]:
-        """``(id, JSON, whether this client awaits the reply)`` of a valid job."""
+    async def _partitions(self) -> int | None:
+        """The deployment's partition count, once its first worker recorded it."""
+        if self._partition_count is None:
+            self._partition_count = await deployment.recorded_partitions(self._redis, self.names)
+        return self._partition_count
+
+    def _stream(self, order_key: str, partitions: int | None) -> str:
+        """Straight to the job's partition (DESIGN.md §11), saving the mover's hop; to the
+        ingest while no worker has recorded the partition count yet."""
+        if partitions is None:
+            return self.names.stream
+        return self.names.partition(partition_of(order_key, partitions))
+
+    def _prepare(self, job: Mapping[str, Any]) -> tuple[str, str, bool, str]:
+        """``(id, JSON, whether this client awaits the reply, order key)`` of a valid job."""
         body = dict(job)
         body.setdefault("id", uuid.uuid4().hex)
         waits = "reply_to" not in body
@@ -112,7 +130,9 @@ class UpdateClient:
             encoded = json.dumps(body, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as error:
             raise InvalidJob(f"job is not JSON: {error}") from None
-        return str(body["id"]), encoded, waits
+        order_key = derive_order_key(body)
+        assert order_key is not None, "a valid job has one"  # noqa: S101 - validate() passed
+        return str(body["id"]), encoded, waits, order_key
 
     async def result(self, job_id: str, *, timeout: float = 30.0) -> Reply:
         """The final reply for ``job_id``; raises ``TimeoutError`` if none comes in time.

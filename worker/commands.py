@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from redis.asyncio import Redis
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -28,6 +28,7 @@ from worker.engine import create_engine
 from worker.errors import SettingsError
 from worker.logs import mask_secrets
 from worker.settings import Settings, mask_url, parse_duration
+from worker.snapshot import Snapshot, snapshot
 from worker.streams import Names
 from worker.submitfile import Totals, submit_lines
 
@@ -52,7 +53,8 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
     async def problems() -> list[str]:
         async with _services(settings) as (redis, engine):
             names = Names(settings.prefix)
-            found = await admin.setup(redis, engine, names, settings.group, deadline_s=5.0)
+            found = await admin.setup(redis, engine, names, settings.group,
+                                      partitions=settings.partitions, deadline_s=5.0)  # fmt: skip
         port = settings.metrics_port
         if args.local and port and (problem := await admin.local_readiness(port, deadline_s=5)):
             found.append(problem)
@@ -73,16 +75,16 @@ def stats(settings: Settings, args: argparse.Namespace) -> int:
         names = Names(settings.prefix)
         redis = settings.redis()
         try:
-            before = await admin.snapshot(redis, names, settings.group)
+            before = await snapshot(redis, names, settings.group)
             await asyncio.sleep(min(args.interval, 1.0))
-            now = await admin.snapshot(redis, names, settings.group)
+            now = await snapshot(redis, names, settings.group)
             if not args.watch:
                 Console().print(_stats_table(settings, now, now.rate(before)))
                 return
             with Live(_stats_table(settings, now, now.rate(before)), auto_refresh=False) as live:
                 while True:
                     await asyncio.sleep(args.interval)
-                    before, now = now, await admin.snapshot(redis, names, settings.group)
+                    before, now = now, await snapshot(redis, names, settings.group)
                     live.update(_stats_table(settings, now, now.rate(before)), refresh=True)
         finally:
             await redis.aclose()
@@ -92,26 +94,39 @@ def stats(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _stats_table(settings: Settings, snapshot: admin.Snapshot, rate: float) -> Table:
-    oldest = snapshot.oldest_pending_age_s
-    title = f"update-worker: stream {Names(settings.prefix).stream}, group {settings.group}"
+def _stats_table(settings: Settings, now: Snapshot, rate: float) -> Group:
+    oldest = now.oldest_pending_age_s
+    title = f"update-worker: prefix {settings.prefix}, group {settings.group}"
     table = Table(show_header=False, title=title, title_justify="left")
     table.add_column("")
     table.add_column("", justify="right")
     for label, value in (
-        ("stream length", f"{snapshot.stream_length:,}"),
-        ("pending", f"{snapshot.pending:,}"),
+        ("backlog (all streams)", f"{now.stream_length:,}"),
+        ("ingest, not yet moved", f"{now.ingest:,}"),
+        ("pending", f"{now.pending:,}"),
         ("oldest pending", "-" if oldest is None else f"{oldest:.1f} s"),
-        ("dead letters", f"{snapshot.dead_letters:,}"),
+        ("dead letters", f"{now.dead_letters:,}"),
         ("jobs/s", f"{rate:,.1f}"),
-        ("consumers", str(len(snapshot.consumers))),
+        ("consumers", str(len(now.consumers))),
     ):
         table.add_row(label, value)
-    for consumer in snapshot.consumers:
-        state = "alive" if consumer.name in snapshot.alive else "gone"
+    held: dict[str, list[int]] = {}
+    for view in now.partitions:
+        if view.owner:
+            held.setdefault(view.owner, []).append(view.number)
+    for consumer in now.consumers:
+        state = "alive" if consumer.name in now.alive else "gone"
+        owns = ",".join(map(str, held.get(consumer.name, []))) or "-"
         table.add_row(f"  {consumer.name}", f"{state}, {consumer.pending:,} pending, "
-                      f"idle {consumer.idle_s:.1f} s")  # fmt: skip
-    return table
+                      f"idle {consumer.idle_s:.1f} s, partitions {owns}")  # fmt: skip
+    parts = Table("partition", "owner", "backlog", "pending", "oldest", title="partitions",
+                  title_justify="left")  # fmt: skip
+    for view in now.partitions:
+        stalled = view.owner is None or view.owner not in now.alive
+        owner = f"[bold red]{view.owner or 'none'}[/]" if stalled else view.owner
+        age = "-" if view.oldest_pending_age_s is None else f"{view.oldest_pending_age_s:.1f} s"
+        parts.add_row(str(view.number), owner, f"{view.length:,}", f"{view.pending:,}", age)
+    return Group(table, parts)
 
 
 def dead(settings: Settings, args: argparse.Namespace) -> int:

@@ -23,12 +23,14 @@ from worker.compiler import Policy
 from worker.schema import Schema
 from worker.streams import Names, text
 
-HEARTBEAT_S: Final = 5.0
+HEARTBEAT_S: Final = 1.0
 #: A record older than this is a worker that stopped without saying so (SIGKILL, a crash).
 LIVE_S: Final = 3 * HEARTBEAT_S
 #: Records older than this are deleted by whichever worker sees them.
 FORGET_S: Final = 3600.0
 _FIELD: Final = "worker:"
+#: The field that holds the partition count P (DESIGN.md §11).
+PARTITIONS: Final = "partitions"
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +95,17 @@ async def announce(redis: Redis, names: Names, consumer: str, offered: Offer) ->
     if forgotten := [f"{_FIELD}{record.consumer}" for record in await records(redis, names)
                      if time.time() - record.seen_s > FORGET_S]:  # fmt: skip
         await redis.hdel(names.meta, *forgotten)
+
+
+async def record_partitions(redis: Redis, names: Names, partitions: int) -> int:
+    """Record the partition count P if none is, and return the recorded one."""
+    await redis.hsetnx(names.meta, PARTITIONS, partitions)
+    return int(await redis.hget(names.meta, PARTITIONS) or partitions)
+
+
+async def recorded_partitions(redis: Redis, names: Names) -> int | None:
+    found = await redis.hget(names.meta, PARTITIONS)
+    return None if found is None else int(found)
 
 
 async def withdraw(redis: Redis, names: Names, consumer: str) -> None:

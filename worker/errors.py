@@ -108,16 +108,15 @@ class InternalError(WorkerError):
     recorded = False
 
 
-class Fenced(WorkerError):
+class Fenced(Exception):
     """This worker no longer owns these partitions: a newer owner raised their generation.
 
-    Never a reply: nothing was applied, and the new owner answers the entries (from the
-    ledger, where this worker had committed them before)."""
-
-    recorded = False
+    Not a WorkerError, because it is never a reply: nothing was applied, and the new owner
+    answers the entries (from the ledger, where this worker had committed them before)."""
 
     def __init__(self, partitions: list[int]) -> None:
-        super().__init__(f"fenced out of partition(s) {partitions}: a newer owner took over")
+        self.message = f"fenced out of partition(s) {partitions}: a newer owner took over"
+        super().__init__(self.message)
         self.partitions = partitions
 
 

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
 from sqlalchemy.engine import CursorResult
@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
 )
 
-from worker import bulk, ledger, oneshot
+from worker import bulk, fencing, ledger, oneshot
 from worker.attempts import Attempt, label
 from worker.compiler import Plan, Statement
 from worker.engine import WRITES
@@ -29,6 +29,7 @@ from worker.errors import (
     DATABASE_BACKOFF,
     Backoff,
     ExpectationFailed,
+    Fenced,
     IdConflict,
     Unavailable,
     WorkerError,
@@ -38,6 +39,10 @@ from worker.jobs import Job, Reply, UpdateResult
 from worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+#: Partition -> the generation this worker holds it at (worker/fencing.py).
+Fences = Mapping[int, int]
+NO_FENCES: Fences = {}
 
 
 class Executor:
@@ -69,9 +74,13 @@ class Executor:
         self._backoff = backoff
         self._metrics = metrics or Metrics()
 
-    async def execute(self, job: Job, plan: Plan) -> Reply:
-        """Apply ``job``, or replay its stored reply when its id was already applied."""
-        return await self._with_retries(job, lambda attempt: self._apply(attempt, plan))
+    async def execute(self, job: Job, plan: Plan, *, fences: Fences = NO_FENCES) -> Reply:
+        """Apply ``job``, or replay its stored reply when its id was already applied.
+
+        ``fences`` (partition -> generation) are checked in the same transaction: raises
+        :class:`Fenced`, with nothing applied, when this worker no longer owns one of them.
+        """
+        return await self._with_retries(job, lambda attempt: self._apply(attempt, plan, fences))
 
     async def reject(self, job: Job, error: WorkerError) -> Reply:
         """Answer a job the compiler refused: replied, never recorded.
@@ -113,12 +122,13 @@ class Executor:
         attempt = Attempt(job=job, number=1, started=time.perf_counter(), worker=self._worker)
         return await self._stored(attempt)
 
-    async def _apply(self, attempt: Attempt, plan: Plan) -> Reply:
+    async def _apply(self, attempt: Attempt, plan: Plan, fences: Fences) -> Reply:
         job = attempt.job
-        if self._postgres and not job.dry_run and oneshot.eligible(plan):
-            return await self._apply_at_once(attempt, plan.statements[0])
+        if self._postgres and not job.dry_run and oneshot.eligible(plan) and len(fences) <= 1:
+            return await self._apply_at_once(attempt, plan.statements[0], fences)
         try:
             async with self._session() as session:
+                await fencing.check(session, fences)
                 results = [
                     await self._run(session, statement, label=label(job, index, statement))
                     for index, statement in enumerate(plan.statements)
@@ -129,20 +139,22 @@ class Executor:
                 if await _record_reply(session, job, reply):
                     await session.commit()
                     return reply
-        except Unavailable:
+        except (Unavailable, Fenced):
             raise
         except WorkerError as error:
             return await self._record(attempt, error)
         return await self._replay(attempt)
 
-    async def _apply_at_once(self, attempt: Attempt, statement: Statement) -> Reply:
+    async def _apply_at_once(self, attempt: Attempt, statement: Statement, fences: Fences) -> Reply:
         """A lone one-row job in one statement (worker/oneshot.py); same outcome as _apply."""
         job = attempt.job
         verdicts = [self._verdict(attempt, statement, count) for count in (0, 1)]
         encoded = tuple(verdict.model_dump_json(exclude_none=True) for verdict in verdicts)
         try:
             async with self._statements() as session:
-                count = await oneshot.run(session, statement, job, replies=encoded)
+                count = await oneshot.run(session, statement, job, replies=encoded, fences=fences)
+        except Fenced:
+            raise
         except Exception as error:
             if oneshot.duplicate(error):
                 return await self._replay(attempt)
@@ -198,7 +210,9 @@ class Executor:
 
     # -- group commit ---------------------------------------------------------------------------
 
-    async def execute_group(self, items: Sequence[tuple[Job, Plan]]) -> list[Reply]:
+    async def execute_group(
+        self, items: Sequence[tuple[Job, Plan]], *, fences: Fences = NO_FENCES
+    ) -> list[Reply]:
         """Apply many single-row jobs (see :func:`groupable`) in one transaction.
 
         Row locks are taken in key order, so concurrent groups never wait on each other in a
@@ -209,12 +223,16 @@ class Executor:
         """
         started = time.perf_counter()
         try:
-            return await self._commit_group(items, started)
+            return await self._commit_group(items, started, fences)
+        except Fenced:
+            raise
         except WorkerError as error:
             log.info("group of %d rolled back (%s); one job at a time", len(items), error.message)
-        return [await self.execute(job, plan) for job, plan in items]
+        return [await self.execute(job, plan, fences=fences) for job, plan in items]
 
-    async def _commit_group(self, items: Sequence[tuple[Job, Plan]], started: float) -> list[Reply]:
+    async def _commit_group(
+        self, items: Sequence[tuple[Job, Plan]], started: float, fences: Fences
+    ) -> list[Reply]:
         first: dict[str, int] = {}  # id -> index of its first copy in the group
         for index, (job, _) in enumerate(items):
             first.setdefault(job.id, index)
@@ -224,6 +242,7 @@ class Executor:
         made: dict[str, Reply] = {}
         recorded: dict[str, ledger.Entry] = {}
         async with self._session() as session:
+            await fencing.check(session, fences)
             finished = await ledger.lookup_many(session, list(first))
             todo = [
                 index
@@ -271,7 +290,7 @@ class Executor:
         try:
             async with self._writer, self._sessions() as session:
                 yield session
-        except WorkerError:
+        except (WorkerError, Fenced):
             raise
         except Exception as error:
             raise classify(error) from error

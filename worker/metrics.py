@@ -57,12 +57,21 @@ class Metrics:
                                ["reason"], registry=self.registry)  # fmt: skip
         self.dead_letters = Counter("update_worker_dead_letters", "Entries dead-lettered, by "
                                     "reason", ["reason"], registry=self.registry)  # fmt: skip
-        self.stream_length = Gauge("update_worker_stream_length", "Entries in the job stream "
-                                   "(backlog plus pending)", registry=self.registry)  # fmt: skip
+        self.stream_length = Gauge("update_worker_stream_length", "Entries in the ingest and "
+                                   "partition streams (backlog plus pending)",
+                                   registry=self.registry)  # fmt: skip
         self.pending = Gauge("update_worker_pending_entries", "Entries handed out to the group "
                              "and not yet acked", registry=self.registry)  # fmt: skip
         self.in_flight = Gauge("update_worker_in_flight_jobs", "Entries this worker holds",
                                registry=self.registry)  # fmt: skip
+        self.owned = Gauge("update_worker_partitions_owned", "Partitions this worker serves",
+                           registry=self.registry)  # fmt: skip
+        self.takeovers = Counter("update_worker_takeovers", "Partitions this worker took over",
+                                 registry=self.registry)  # fmt: skip
+        self.lane_waits = Counter("update_worker_lane_waits", "Units that waited for an earlier "
+                                  "job on the same order key", registry=self.registry)  # fmt: skip
+        self.ingest = Gauge("update_worker_ingest_entries", "Entries in the ingest stream not "
+                            "yet moved to their partitions", registry=self.registry)  # fmt: skip
         self.last_turn = time.monotonic()
 
     def turned(self) -> None:
@@ -100,8 +109,8 @@ class Probes:
 
     #: Problems with Redis and the database, one line each, naming the component.
     problems: Callable[[], Awaitable[list[str]]]
-    #: The stream's length and its pending count.
-    backlog: Callable[[], Awaitable[tuple[int, int]]]
+    #: The backlog (ingest plus partitions), the pending count, and the ingest's length.
+    backlog: Callable[[], Awaitable[tuple[int, int, int]]]
     liveness_s: float
     deadline_s: float = 2.0
 
@@ -133,9 +142,10 @@ async def _respond(path: str, metrics: Metrics, probes: Probes) -> tuple[str, st
     text = "text/plain; charset=utf-8"
     if path == "/metrics":
         try:
-            length, pending = await asyncio.wait_for(probes.backlog(), probes.deadline_s)
+            length, pending, ingest = await asyncio.wait_for(probes.backlog(), probes.deadline_s)
             metrics.stream_length.set(length)
             metrics.pending.set(pending)
+            metrics.ingest.set(ingest)
         except Exception as error:  # noqa: BLE001 - the scrape still serves the rest
             log.warning("metrics: reading the stream's backlog failed: %s", error)
         return "200 OK", CONTENT_TYPE_LATEST, metrics.render()

@@ -24,6 +24,8 @@ is known by that id, the one its producer's XADD returned.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -33,6 +35,7 @@ from typing import Any, Final
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from worker.errors import classify
 from worker.partitions import partition_of_raw
 from worker.streams import Names, text
 
@@ -61,8 +64,15 @@ return 0
 _READ: Final = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return false end
 if ARGV[5] == 'new' then
-  return {'new', redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4],
-                            'STREAMS', KEYS[1], '>')}
+  local read = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4],
+                          'STREAMS', KEYS[1], '>')
+  if read then return {'new', read} end
+  for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    local fields = {}
+    for i = 1, #group, 2 do fields[group[i]] = group[i + 1] end
+    if fields['name'] == ARGV[2] then return {'idle', fields['last-delivered-id']} end
+  end
+  return {'idle', '0-0'}
 end
 return {'claimed', redis.call('XAUTOCLAIM', KEYS[1], ARGV[2], ARGV[3], 0, ARGV[5],
                               'COUNT', ARGV[4])}
@@ -120,6 +130,8 @@ class Mover:
     token: str | None = None
     generation: int = 0
     _claim_cursor: str | None = field(default="0-0", init=False)
+    #: The last ingest id handed out, once a read found nothing new: what to wait past.
+    _last_delivered: str = field(default="$", init=False)
 
     def __post_init__(self) -> None:
         self._acquire = self.redis.register_script(_ACQUIRE)
@@ -190,6 +202,9 @@ class Mover:
                 await self._ack(deleted)  # their data is gone: nothing to move
             claimed = [(text(entry_id), fields) for entry_id, fields in body[1] if fields]
             return claimed if claimed or self._claim_cursor else await self.read()
+        if kind == "idle":
+            self._last_delivered = text(body)
+            return []
         return [(text(entry_id), fields) for _, found in body or [] for entry_id, fields in found]
 
     async def move(self, entries: Sequence[tuple[str, Any]]) -> Moved:
@@ -215,6 +230,51 @@ class Mover:
         moved = sum(int(result) for result in results)
         await self._ack([entry_id for entry_id, _ in entries])
         return Moved(moved=moved, skipped=len(entries) - moved)
+
+    async def run(self, stop: asyncio.Event, *, idle_block_ms: int) -> None:
+        """Move while holding the lease, try to take it while not, until ``stop``."""
+        tick_s = min(1.0, self.lease_ms / 3000)
+        try:
+            while not stop.is_set():
+                try:
+                    if not await self._turn(tick_s, idle_block_ms):
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), tick_s)
+                except ResponseError as error:
+                    if "NOGROUP" not in str(error):
+                        raise
+                    # The stream or group vanished (a Redis restart without persistence, a DEL).
+                    log.warning("ingest mover: the group is missing; recreating it")
+                    await self.ensure_group()
+                except Exception as error:  # noqa: BLE001 - logged; tried again next turn
+                    log.warning("ingest mover: %s", classify(error).message)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), tick_s)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.release()
+
+    async def _turn(self, tick_s: float, idle_block_ms: int) -> bool:
+        """One turn; False when there is nothing to do but wait a tick."""
+        if not self.holding:
+            return await self.acquire()
+        if not await self.renew():
+            return False
+        done = await self.step()
+        if done.moved or done.skipped or not done.holding:
+            return done.holding
+        # Nothing new: wait past the last id handed out, at most a tick (the lease renewal).
+        block_ms = min(idle_block_ms, int(tick_s * 1000))
+        await self.redis.xread({self.names.stream: self._last_delivered}, count=1, block=block_ms)
+        return True
+
+    async def drain(self) -> None:
+        """Move until the ingest is empty (``run --burst``); waits for the lease if needed."""
+        while await self.redis.xlen(self.names.stream):
+            if not self.holding and not await self.acquire():
+                await asyncio.sleep(0.05)
+                continue
+            await self.step()
 
     async def _ack(self, entry_ids: list[str]) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+from collections.abc import Mapping
 from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from worker.compiler import Plan, Statement
+from worker.errors import Fenced
+from worker.fencing import partitions
 from worker.jobs import Job
 from worker.ledger import LEDGER_PRIMARY_KEY, ledger
 
@@ -52,12 +55,16 @@ async def run(
     job: Job,
     *,
     replies: tuple[str, ...],
+    fences: Mapping[int, int] | None = None,
 ) -> int:
     """Apply ``statement`` and record ``replies[rowcount]`` under the job's id; the row count.
 
     Raises the driver's unique violation on the ledger's key when the id is already recorded
-    (see :func:`duplicate`); nothing is applied then.
+    (see :func:`duplicate`); nothing is applied then. With a fence (one partition ->
+    generation), the partition's row is read under a share lock in the same statement, and
+    nothing is applied or recorded unless it still holds that generation: :class:`Fenced`.
     """
+    fence = next(iter((fences or {}).items()), None)
     params = {
         **statement.params,
         "job_id": job.id,
@@ -66,8 +73,14 @@ async def run(
         "reply_1": replies[1],
         "finished_at": dt.datetime.now(dt.UTC),
     }
-    result = await session.execute(_combined(statement.update), params)
-    return int(result.scalar_one())
+    if fence is not None:
+        params |= {"fence_p": fence[0], "fence_g": fence[1]}
+    row = (
+        await session.execute(_combined(statement.update, fenced=fence is not None), params)
+    ).one()
+    if fence is not None and not row.fenced:
+        raise Fenced([fence[0]])
+    return int(row.applied)
 
 
 def duplicate(error: BaseException) -> bool:
@@ -82,15 +95,22 @@ def duplicate(error: BaseException) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _combined(update: sa.Update) -> sa.Select[Any]:
+def _combined(update: sa.Update, *, fenced: bool) -> sa.Select[Any]:
     """The one statement for one cached key UPDATE (see ``compiler._by_key``): so one
     compiled form, and one prepared statement per connection, per job shape."""
     job_id = sa.bindparam("job_id", type_=ledger.c.job_id.type)
-    applied = (
-        update.where(~sa.exists().where(ledger.c.job_id == job_id))
-        .returning(sa.literal(1, sa.Integer).label("one"))
-        .cte("applied")
-    )
+    guarded = update.where(~sa.exists().where(ledger.c.job_id == job_id))
+    fence = None
+    if fenced:
+        fence = (
+            sa.select(partitions.c.partition)
+            .where(partitions.c.partition == sa.bindparam("fence_p", type_=sa.Integer),
+                   partitions.c.generation == sa.bindparam("fence_g", type_=sa.BigInteger))
+            .with_for_update(read=True)
+            .cte("fence")
+        )  # fmt: skip
+        guarded = guarded.where(sa.exists(sa.select(fence.c.partition)))
+    applied = guarded.returning(sa.literal(1, sa.Integer).label("one")).cte("applied")
     reply = sa.case(
         (sa.exists(sa.select(applied.c.one)), sa.bindparam("reply_1", type_=ledger.c.reply.type)),
         else_=sa.bindparam("reply_0", type_=ledger.c.reply.type),
@@ -101,7 +121,12 @@ def _combined(update: sa.Update) -> sa.Select[Any]:
         reply,
         sa.bindparam("finished_at", type_=ledger.c.finished_at.type),
     )
+    if fence is not None:
+        source = source.where(sa.exists(sa.select(fence.c.partition)))
     columns = ["job_id", "payload_hash", "reply", "finished_at"]
     recorded = sa.insert(ledger).from_select(columns, source).cte("recorded")
     count = sa.select(sa.func.count()).select_from(applied).scalar_subquery()
-    return sa.select(count).add_cte(recorded)
+    if fence is None:
+        return sa.select(count.label("applied")).add_cte(recorded)
+    holds = sa.exists(sa.select(fence.c.partition))
+    return sa.select(count.label("applied"), holds.label("fenced")).add_cte(recorded)

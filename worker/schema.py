@@ -16,7 +16,12 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from worker.errors import ForbiddenColumn, SettingsError, UnknownColumn, UnknownTable
+from worker.fencing import PARTITIONS_TABLE
 from worker.ledger import LEDGER_TABLE
+
+#: The worker's own tables: never offered to jobs (a job could otherwise rewrite a verdict or
+#: a partition's fencing generation).
+OWN_TABLES = frozenset({LEDGER_TABLE, PARTITIONS_TABLE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +67,7 @@ def build_schema(
 ) -> Schema:
     """Apply the settings' narrowing to ``metadata``; a name that does not exist is an error."""
     available = {
-        table.fullname: table for table in metadata.tables.values() if table.name != LEDGER_TABLE
+        table.fullname: table for table in metadata.tables.values() if table.name not in OWN_TABLES
     }
     if missing := sorted(set(tables) - available.keys()):
         raise SettingsError(
@@ -88,7 +93,9 @@ async def reflect_schema(engine: AsyncEngine, **narrowing: Sequence[str]) -> Sch
             updatable = set(connection.execute(_UPDATABLE).scalars())
         metadata.reflect(
             connection,
-            only=lambda name, _: name != LEDGER_TABLE and (updatable is None or name in updatable),
+            only=lambda name, _: (
+                name not in OWN_TABLES and (updatable is None or name in updatable)
+            ),
             resolve_fks=False,  # a referenced table is not thereby a table jobs may update
         )
 

@@ -1,6 +1,9 @@
-"""The loop: transport -> jobs -> compiler -> executor -> transport, and shutdown.
+"""The loop: partitions -> jobs -> lanes -> executor -> replies, and shutdown.
 
-It only wires the other modules together: no SQL here, and no Redis command names.
+It only wires the other modules together: no SQL here, and no Redis command names. What it
+reads comes from the partitions this worker owns (worker/ownership.py), the entries claimed at
+a takeover first; what it runs goes through lanes (worker/lanes.py), so jobs that share an
+order key apply one after another, in stream order.
 """
 
 from __future__ import annotations
@@ -9,199 +12,198 @@ import asyncio
 import contextlib
 import functools
 import logging
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 
-from worker.compiler import Plan, Policy
+from redis.exceptions import ResponseError
+
+from worker.answers import Answers
+from worker.compiler import Policy
 from worker.errors import classify
 from worker.executor import Executor
-from worker.jobs import Job, Rejection, Reply
-from worker.logs import FIELDS
+from worker.lanes import Lanes
 from worker.metrics import Metrics
-from worker.recovery import Recovery
+from worker.mover import Mover
+from worker.ownership import Ownership
+from worker.reading import Reader
 from worker.schema import Schema
 from worker.settings import Settings
-from worker.streams import Entry, entry_ms
+from worker.streams import Entry
 from worker.transport import Transport
-from worker.units import Pace, Work, prepare, units
+from worker.units import Pace, Work, order_key, prepare, units
 
 log = logging.getLogger(__name__)
 
-#: The dead-letter reason of an entry that is no job at all (see jobs.parse_entry).
-UNPARSABLE = "unparsable"
-
 _READ_RETRY_S = 1.0
+#: Longest wait for new entries in one go: partitions taken meanwhile join the next read.
+_WAIT_MS = 500
+
+
+def _key(entry: Entry) -> tuple[int, str]:
+    return entry.partition, entry.id
 
 
 @dataclass
 class Worker:
     settings: Settings
-    transport: Transport
-    executor: Executor
-    schema: Schema
-    recovery: Recovery
+    answers: Answers
+    reader: Reader
+    ownership: Ownership
+    mover: Mover
     pace: Pace
-    metrics: Metrics
+    _running: dict[int, set[asyncio.Task[None]]] = field(
+        default_factory=lambda: defaultdict(set), init=False
+    )
 
-    async def run(self, stop: asyncio.Event | None = None, *, burst: bool = False) -> None:
-        """Serve jobs until ``stop`` is set; with ``burst``, until the stream has nothing new.
+    @property
+    def schema(self) -> Schema:
+        return self.answers.schema
 
-        On stop, in-flight jobs get ``shutdown_grace_s`` to finish; whatever is left stays
-        pending in the group, for any worker to claim.
-        """
-        stop = stop or asyncio.Event()
-        in_flight: dict[str, asyncio.Task[None]] = {}  # entry id -> the task answering it
-        tasks: set[asyncio.Task[None]] = set()
-        slots = asyncio.Semaphore(self.settings.concurrency)  # transactions at once
-        self.metrics.in_flight.set_function(lambda: len(in_flight))  # read at scrape time
-        renewing = asyncio.create_task(self.recovery.keep_claims(lambda: list(in_flight)))
-        try:
-            while not stop.is_set():
-                self.metrics.turned()
-                # Read only when a transaction slot is free: what piled up meanwhile then
-                # fills whole groups, instead of trickling in one entry at a time.
-                free = self.settings.concurrency - len(tasks)
-                room = self.pace.window() - len(in_flight)
-                if free <= 0 or room <= 0:
-                    # A timeout, so the loop (and the liveness it reports) turns meanwhile.
-                    await asyncio.wait(tasks, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-                    continue
-                count = min(self.settings.batch_size, room)
-                entries = await self._next(stop, count=count, burst=burst)
-                if entries is None:
-                    break
-                if not entries and burst:
-                    if not tasks:
-                        break
-                    await asyncio.wait(tasks)
-                # An entry claimed back while still running here is not started twice.
-                works = [self._prepare(entry) for entry in entries if entry.id not in in_flight]
-                for unit in units(works, group_size=self.settings.group_size):
-                    task = asyncio.create_task(self.handle(unit, slots))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                    in_flight.update(dict.fromkeys((work.entry.id for work in unit), task))
-                    task.add_done_callback(functools.partial(_forget, in_flight, unit))
-        finally:
-            await self._drain(tasks)
-            renewing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewing
+    @property
+    def executor(self) -> Executor:
+        return self.answers.executor
+
+    @property
+    def transport(self) -> Transport:
+        return self.answers.transport
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.answers.metrics
 
     @functools.cached_property
     def policy(self) -> Policy:
         settings = self.settings
         return Policy(max_rows_default=settings.max_rows_default, allow_all=settings.allow_all)
 
+    async def run(self, stop: asyncio.Event | None = None, *, burst: bool = False) -> None:
+        """Serve jobs until ``stop`` is set; with ``burst``, until nothing new is left.
+
+        On stop, in-flight jobs get ``shutdown_grace_s`` to finish; whatever is left stays
+        pending, and the partitions are handed over at once.
+        """
+        stop = stop or asyncio.Event()
+        held: dict[tuple[int, str], asyncio.Task[None]] = {}  # entries held -> their task
+        tasks: set[asyncio.Task[None]] = set()
+        lanes = Lanes()
+        slots = asyncio.Semaphore(self.settings.concurrency)  # transactions at once
+        metrics = self.answers.metrics
+        metrics.in_flight.set_function(lambda: len(held))  # read at scrape time
+        metrics.owned.set_function(lambda: len(self.ownership.generations))
+        self.ownership.settle = self._settle
+        helpers = asyncio.Event()  # stops the ownership and mover loops, after the drain
+        if burst:
+            await self.ownership.tick()
+            await self.mover.drain()
+        background = [
+            asyncio.create_task(self.ownership.run(helpers), name="ownership"),
+            asyncio.create_task(self.mover.run(helpers, idle_block_ms=self.settings.block_ms),
+                                name="ingest mover"),
+        ]  # fmt: skip
+        try:
+            while not stop.is_set():
+                metrics.turned()
+                room = self.pace.window() - len(held)
+                if len(tasks) >= 2 * self.settings.concurrency or room <= 0:
+                    # A timeout, so the loop (and the liveness it reports) turns meanwhile.
+                    await asyncio.wait(tasks, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                entries = await self._next(stop, count=min(self.settings.batch_size, room),
+                                           wait=not burst)  # fmt: skip
+                if not entries:
+                    if burst and not tasks and not self.ownership.backlog:
+                        break
+                    if burst:
+                        await asyncio.wait(tasks, timeout=1.0)
+                    continue
+                works = [self._prepare(entry) for entry in entries if _key(entry) not in held]
+                for unit in units(works, group_size=self.settings.group_size):
+                    task = self._start(unit, lanes, slots)
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                    held.update(dict.fromkeys((_key(work.entry) for work in unit), task))
+                    task.add_done_callback(functools.partial(_forget, held, unit))
+        finally:
+            await self._drain(tasks)
+            helpers.set()
+            await asyncio.gather(*background, return_exceptions=True)
+
     def _prepare(self, entry: Entry) -> Work:
         settings = self.settings
-        return prepare(entry, schema=self.schema, max_job_bytes=settings.max_job_bytes,
+        return prepare(entry, schema=self.answers.schema, max_job_bytes=settings.max_job_bytes,
                        max_deliveries=settings.max_deliveries, policy=self.policy)  # fmt: skip
 
-    async def handle(self, unit: list[Work], slots: asyncio.Semaphore) -> None:
-        """Answer a unit: one entry, or a group sharing a transaction. Never raises: the
-        loop must outlive any job; an entry left unanswered stays pending for a claim."""
-        try:
-            if len(unit) == 1:
-                await self._answer(unit[0], slots)
-            else:
-                async with slots:
-                    for work in unit:
-                        self.metrics.queued(entry_ms(work.entry.id))
-                    replies = await self.executor.execute_group([_ready(work) for work in unit])
-                answers = list(zip(unit, replies, strict=True))
-                await self.transport.reply_many(
-                    [(work.entry.id, reply, work.job.reply_to) for work, reply in answers]
-                )
-                for work, reply in answers:
-                    self._answered(work.entry, work.job, reply)
-            self.pace.finished(len(unit))
-        except Exception:
-            log.exception(
-                "%d entr(y/ies) from %s: not answered, left pending", len(unit), unit[0].entry.id
-            )
+    def _start(
+        self, unit: list[Work], lanes: Lanes, slots: asyncio.Semaphore
+    ) -> asyncio.Task[None]:
+        keys = {key for work in unit if (key := order_key(work)) is not None}
+        before, done = lanes.enter(keys)
+        partitions = {work.entry.partition for work in unit}
+        fences = {number: self.ownership.generations.get(number, -1) for number in partitions}
 
-    async def _answer(self, work: Work, slots: asyncio.Semaphore) -> None:
-        entry, job = work.entry, work.job
-        if isinstance(job, Rejection):
-            await self._reject(entry, job)
-            return
-        async with slots:
-            if work.exhausted:
-                await self.recovery.give_up(entry, job)
-                return
-            self.metrics.queued(entry_ms(entry.id))
-            if work.error is not None:
-                reply = await self.executor.reject(job, work.error)
-            else:
-                reply = await self.executor.execute(*_ready(work))
-        await self.transport.reply(entry.id, reply, channel=job.reply_to, ack=reply.final)
-        self._answered(entry, job, reply)
-
-    def _answered(self, entry: Entry, job: Job | Rejection, reply: Reply) -> None:
-        """Count the reply, and log it as one line with the job's fields."""
-        tables = [spec.table for spec in job.updates] if isinstance(job, Job) else []
-        self.metrics.answered(reply, tables)
-        if log.isEnabledFor(logging.INFO):
-            status = reply.status if reply.error is None else reply.error.code
-            fields = {"job_id": reply.id, "entry_id": entry.id, "table": ",".join(tables) or None,
-                      "status": status, "rowcount": reply.rowcount,
-                      "duration_ms": reply.duration_ms, "attempt": reply.attempts,
-                      "replayed": reply.replayed or None,
-                      "dry_run": reply.dry_run or None}  # fmt: skip
-            log.info("job %s: %s", reply.id, status, extra={FIELDS: fields})
-
-    async def _reject(self, entry: Entry, rejection: Rejection) -> None:
-        reply = Reply.failure(rejection.id, rejection.error, worker=self.settings.consumer)
-        if rejection.dead_letter_reason is None:
-            await self.transport.reply(entry.id, reply, channel=rejection.reply_to)
-        else:
-            log.warning("entry %s: dead-lettered: %s", entry.id, rejection.dead_letter_reason)
-            # ``reason`` is a code (also a metrics label); the message goes beside it.
-            details = {"error_code": rejection.error.code, "error": rejection.dead_letter_reason}
-            await self.transport.dead_letter(
-                entry, reason=UNPARSABLE, reply=reply, channel=rejection.reply_to, details=details
-            )
-        self._answered(entry, rejection, reply)
-
-    async def _next(self, stop: asyncio.Event, *, count: int, burst: bool) -> list[Entry] | None:
-        """Entries others left behind when a claim is due, else new ones; None once stopped."""
-        if self.recovery.until_claim_ms() == 0:
+        async def run() -> None:
             try:
-                # Small bites: claimed entries were handed out before; finish them first.
-                bite = min(count, self.settings.concurrency)
-                if claimed := await self.recovery.claim(count=bite):
-                    return claimed
-            except Exception as error:  # noqa: BLE001 - classified and logged; claimed next time
-                log.warning("claiming idle entries failed (%s)", classify(error).message)
-        # Wake up in time for the next claim, so orphans never wait on an idle stream.
-        block_ms = min(self.settings.block_ms, max(1, self.recovery.until_claim_ms()))
-        return await self._read(stop, count=count, block_ms=None if burst else block_ms)
+                if before:
+                    self.answers.metrics.lane_waits.inc()
+                    # wait, not gather: a cancelled waiter must not cancel the units it waits on
+                    await asyncio.wait(before)
+                await self.answers.handle(unit, slots, fences=fences)
+                self.pace.finished(len(unit))
+            finally:
+                lanes.leave(keys, done)
 
-    async def _read(
-        self, stop: asyncio.Event, *, count: int, block_ms: int | None
-    ) -> list[Entry] | None:
-        """The next entries, [] on a passing Redis fault, or None once stopped with nothing.
+        task = asyncio.create_task(run())
+        for number in partitions:
+            self._running[number].add(task)
+            task.add_done_callback(self._running[number].discard)
+        return task
 
-        A stop does not cancel a read under way: Redis may already have handed it entries,
-        which would then sit pending until a claim. It is awaited (at most its BLOCK time)
-        and what it brings is served within the grace period.
-        """
-        read = asyncio.ensure_future(self.transport.read(count=count, block_ms=block_ms))
-        stopped = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({read, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        stopped.cancel()
-        if not read.done():
-            done, _ = await asyncio.wait({read}, timeout=(block_ms or 0) / 1000 + 1)
-            if not done:
-                read.cancel()  # whatever it was handed stays pending, for a claim
-                return None
+    async def _settle(self, partition: int, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) for the running units of ``partition``: a handover."""
+        if running := set(self._running.get(partition, ())):
+            await asyncio.wait(running, timeout=timeout_s)
+
+    async def _next(self, stop: asyncio.Event, *, count: int, wait: bool) -> list[Entry]:
+        """Entries claimed at a takeover first, then new entries of the owned partitions."""
+        backlog = self.ownership.backlog
+        if backlog:
+            return [backlog.popleft() for _ in range(min(count, len(backlog)))]
+        owned = self.ownership.owned()
+        if not owned:
+            if wait:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.ownership.tick_s)
+            return []
         try:
-            return read.result()
+            batch = await self.reader.read(owned, count=count)
+            for number in batch.lost:
+                self.ownership.lost(number)
+            if not batch.entries and wait:
+                waiting = asyncio.ensure_future(
+                    self.reader.wait(batch.idle, block_ms=min(self.settings.block_ms, _WAIT_MS))
+                )
+                stopped = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({waiting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+                if not waiting.done():
+                    waiting.cancel()
+                    await asyncio.wait({waiting})  # never swallows our own cancellation
+                else:
+                    waiting.result()  # raises a Redis fault, handled below
+        except ResponseError as error:
+            if "NOGROUP" not in str(error):
+                raise
+            # A stream or the group vanished (a Redis restart without persistence, a DEL).
+            log.warning("the consumer group is missing on a partition; recreating it")
+            await self.transport.ensure_groups(self.settings.partitions)
+            return []
         except Exception as error:  # noqa: BLE001 - classified and logged, then retried
             log.warning("reading jobs failed (%s); retrying", classify(error).message)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), _READ_RETRY_S)
             return []
+        # Entries of a partition lost meanwhile are not served here: the new owner claims them.
+        return [entry for entry in batch.entries if entry.partition in self.ownership.generations]
 
     async def _drain(self, in_flight: set[asyncio.Task[None]]) -> None:
         """Give running jobs the grace period, then cancel them; they stay pending."""
@@ -211,17 +213,12 @@ class Worker:
         for task in late:
             task.cancel()
         if late:
-            log.warning("%d job(s) unfinished after the grace period; left pending", len(late))
+            log.warning("%d unit(s) unfinished after the grace period; left pending", len(late))
             await asyncio.wait(late)
 
 
-def _ready(work: Work) -> tuple[Job, Plan]:
-    assert isinstance(work.job, Job) and work.plan is not None  # noqa: PT018, S101 - compiled
-    return work.job, work.plan
-
-
 def _forget(
-    in_flight: dict[str, asyncio.Task[None]], unit: list[Work], _done: asyncio.Task[None]
+    held: dict[tuple[int, str], asyncio.Task[None]], unit: list[Work], _done: asyncio.Task[None]
 ) -> None:
     for work in unit:
-        in_flight.pop(work.entry.id, None)
+        held.pop(_key(work.entry), None)

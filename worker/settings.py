@@ -68,7 +68,15 @@ class Settings(BaseSettings):
     batch_size: int = Field(100, ge=1, le=10_000, description="entries read per XREADGROUP")
     block_ms: int = Field(2000, ge=1, le=60_000, description="how long one XREADGROUP blocks")
     result_ttl: int = Field(86_400, ge=1, description="seconds a reply stays under its result key")
-    claim_idle_ms: int = Field(15_000, ge=100, description="idle time before another worker claims")
+    partitions: int = Field(
+        16, ge=1, le=1024, description="partition streams; fixed once the first worker starts"
+    )
+    lease_ms: int = Field(
+        5_000, ge=200, le=600_000, description="a partition lease's TTL (renewed well before)"
+    )
+    claim_idle_ms: int = Field(
+        15_000, ge=100, description="longest pause between rounds of a job that keeps failing"
+    )
     max_deliveries: int = Field(5, ge=1, description="deliveries before an entry is dead-lettered")
     max_attempts: int = Field(5, ge=1, le=100, description="tries of a transient failure")
     max_job_bytes: int = Field(65_536, ge=256, description="largest accepted job")

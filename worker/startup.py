@@ -14,14 +14,19 @@ from collections.abc import AsyncIterator
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from worker import admin, deployment, ledger
-from worker.engine import Timeouts, create_engine
-from worker.errors import classify
+from worker import admin, deployment, fencing, ledger
+from worker.answers import Answers
+from worker.engine import WRITES, Timeouts, create_engine
+from worker.errors import SettingsError, classify
 from worker.executor import Executor
 from worker.ledger import ensure_ledger
 from worker.metrics import Metrics, Probes, serve_http
+from worker.mover import Mover
+from worker.owners import Leases
+from worker.ownership import Ownership
+from worker.reading import Reader
 from worker.recovery import Recovery
-from worker.schema import build_schema, load_models, reflect_schema
+from worker.schema import Schema, build_schema, load_models, reflect_schema
 from worker.service import Worker
 from worker.settings import Settings, mask_url, parse_duration
 from worker.streams import Names
@@ -68,7 +73,11 @@ async def open_worker(settings: Settings) -> AsyncIterator[Worker]:
             schema = build_schema(load_models(settings.models), **narrowing)
         else:
             schema = await reflect_schema(engine, **narrowing)
-        await transport.ensure_group()
+        await _record_partitions(transport, settings.partitions)
+        # It writes: BEGIN IMMEDIATE on SQLite, so workers starting together queue, not fail.
+        async with engine.execution_options(**{WRITES: True}).begin() as connection:
+            await fencing.ensure_partitions(connection, settings.partitions)
+        await transport.ensure_groups(settings.partitions)
         executor = Executor(
             engine,
             worker=settings.consumer,
@@ -77,19 +86,15 @@ async def open_worker(settings: Settings) -> AsyncIterator[Worker]:
             metrics=metrics,
         )
         log.info(
-            "worker %s ready: %d table(s), database %s, redis %s, stream %s",
+            "worker %s ready: %d table(s), database %s, redis %s, stream %s, %d partitions",
             settings.consumer,
             len(schema.tables),
             mask_url(settings.database_url),
             mask_url(settings.redis_url),
             transport.names.stream,
+            settings.partitions,
         )
-        recovery = Recovery(
-            transport=transport,
-            executor=executor,
-            worker=settings.consumer,
-            claim_idle_ms=settings.claim_idle_ms,
-        )
+        recovery = Recovery(transport=transport, executor=executor, worker=settings.consumer)
         if settings.metrics_port is not None:
             endpoints = await serve_http(
                 settings.metrics_port, metrics, _probes(settings, engine, transport)
@@ -98,18 +103,7 @@ async def open_worker(settings: Settings) -> AsyncIterator[Worker]:
         retention = parse_duration(settings.ledger_retention)
         if retention:
             pruning = asyncio.create_task(_prune_ledger(engine, retention), name="ledger prune")
-        worker = Worker(
-            settings=settings,
-            transport=transport,
-            executor=executor,
-            schema=schema,
-            recovery=recovery,
-            pace=Pace(
-                floor=2 * settings.concurrency,
-                ceiling=settings.concurrency * settings.group_size,
-            ),
-            metrics=metrics,
-        )
+        worker = _wire(settings, engine, transport, executor, schema, recovery, metrics)
         offered = deployment.offer(schema, worker.policy, max_job_bytes=settings.max_job_bytes)
         await _compare(transport, settings.consumer, offered)
         heartbeat = asyncio.create_task(_heartbeat(transport, settings.consumer, offered),
@@ -125,9 +119,62 @@ async def open_worker(settings: Settings) -> AsyncIterator[Worker]:
         if endpoints is not None:
             endpoints.close()
         if served:
-            await _leave(transport, settings.consumer)
+            await _leave(transport, settings.consumer, settings.partitions)
         await transport.aclose()
         await engine.dispose()
+
+
+def _wire(  # noqa: PLR0917 - the pieces open_worker built, wired once
+    settings: Settings,
+    engine: AsyncEngine,
+    transport: Transport,
+    executor: Executor,
+    schema: Schema,
+    recovery: Recovery,
+    metrics: Metrics,
+) -> Worker:
+    names, redis = transport.names, transport.redis
+    reader = Reader(redis, names, group=settings.group, consumer=settings.consumer)
+    leases = Leases(redis, names, me=settings.consumer, partitions=settings.partitions,
+                    lease_ms=settings.lease_ms)  # fmt: skip
+    return Worker(
+        settings=settings,
+        answers=Answers(
+            settings=settings,
+            transport=transport,
+            executor=executor,
+            schema=schema,
+            recovery=recovery,
+            metrics=metrics,
+        ),
+        reader=reader,
+        ownership=Ownership(
+            leases=leases, reader=reader, transport=transport, engine=engine, metrics=metrics
+        ),
+        mover=Mover(
+            redis,
+            names,
+            me=settings.consumer,
+            group=settings.group,
+            partitions=settings.partitions,
+            lease_ms=settings.lease_ms,
+            batch=max(settings.batch_size, 100),
+        ),
+        pace=Pace(
+            floor=2 * settings.concurrency, ceiling=settings.concurrency * settings.group_size
+        ),
+    )
+
+
+async def _record_partitions(transport: Transport, partitions: int) -> None:
+    """Record P in ``<prefix>:meta`` if no worker did; refuse to start with another P."""
+    recorded = await deployment.record_partitions(transport.redis, transport.names, partitions)
+    if recorded != partitions:
+        raise SettingsError(
+            f"WORKER_PARTITIONS: this deployment ({transport.names.meta}) has {recorded} "
+            f"partitions, not {partitions}; `update-worker partitions --set {partitions}` "
+            "changes it once every partition is drained"
+        )
 
 
 async def _prune_ledger(engine: AsyncEngine, retention: dt.timedelta) -> None:
@@ -161,11 +208,11 @@ async def _heartbeat(transport: Transport, consumer: str, offered: deployment.Of
             log.warning("deployment: heartbeat failed: %s", classify(error).message)
 
 
-async def _leave(transport: Transport, consumer: str) -> None:
+async def _leave(transport: Transport, consumer: str, partitions: int) -> None:
     """A clean stop: drop this worker's record, and its consumer when it holds nothing."""
     try:
         await deployment.withdraw(transport.redis, transport.names, consumer)
-        if await transport.leave():
+        if await transport.leave(partitions):
             log.info("consumer %s left the group (nothing pending)", consumer)
     except Exception as error:  # noqa: BLE001 - a stopping worker only reports it
         log.warning("leaving the group failed: %s", classify(error).message)
@@ -175,7 +222,7 @@ def _probes(settings: Settings, engine: AsyncEngine, transport: Transport) -> Pr
     names, group = transport.names, settings.group
     return Probes(
         problems=lambda: admin.reachability(transport.redis, engine, deadline_s=1.5),
-        backlog=lambda: admin.backlog(transport.redis, names, group),
+        backlog=lambda: admin.backlog(transport.redis, names, group, settings.partitions),
         # The loop turns at least once per read (at most block_ms) or per second of waiting.
         liveness_s=max(10.0, 3 * settings.block_ms / 1000),
     )

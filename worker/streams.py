@@ -63,6 +63,15 @@ class Entry:
     fields: Mapping[bytes, bytes]
     #: How many times the group has handed this entry out, this time included.
     deliveries: int = 1
+    #: The partition stream it was read from (DESIGN.md §11).
+    partition: int = 0
+
+    @property
+    def known_as(self) -> str:
+        """The id a job without one of its own is known by: the id its producer's XADD
+        returned, which for a moved entry is its ingest id (the ``src`` field)."""
+        source = self.fields.get(b"src")
+        return text(source) if source else self.id
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,7 +51,7 @@ def prepare(
     policy: Policy = Policy(),  # noqa: B008 - frozen
 ) -> Work:
     """Parse and compile one entry."""
-    parsed = parse_entry(entry.fields, entry_id=entry.id, max_job_bytes=max_job_bytes)
+    parsed = parse_entry(entry.fields, entry_id=entry.known_as, max_job_bytes=max_job_bytes)
     exhausted = entry.deliveries > max_deliveries
     if isinstance(parsed, Rejection) or exhausted:
         return Work(entry, parsed, exhausted=exhausted)
@@ -62,21 +62,41 @@ def prepare(
 
 
 def units(works: list[Work], *, group_size: int) -> list[list[Work]]:
-    """Single-row jobs in full groups of ``group_size``; the rest one by one.
+    """Single-row jobs in full groups of ``group_size``; the rest one by one; in an order
+    that keeps each order key's entries in stream order (worker/lanes.py registers them so).
 
     Full groups, not groups spread thin over every free slot: a transaction's fixed cost
-    (begin, ledger lookup, row locks, ledger insert, commit) is paid once per group.
+    (begin, ledger lookup, row locks, ledger insert, commit) is paid once per group. A unit
+    alone whose order key is in the open group closes the group first: the group holds the
+    key's earlier entries.
     """
-    alone: list[list[Work]] = []
-    together: list[Work] = []
+    made: list[list[Work]] = []
+    group: list[Work] = []
+    keys: set[str] = set()
     for work in works:
         if work.groupable:
-            together.append(work)
-        else:
-            alone.append([work])
-    return alone + [
-        together[start : start + group_size] for start in range(0, len(together), group_size)
-    ]
+            group.append(work)
+            keys.add(order_key(work) or "")
+            if len(group) >= group_size:
+                made.append(group)
+                group, keys = [], set()
+            continue
+        if group and order_key(work) in keys:
+            made.append(group)
+            group, keys = [], set()
+        made.append([work])
+    if group:
+        made.append(group)
+    return made
+
+
+def order_key(work: Work) -> str | None:
+    """The order key a unit must respect: only a job that runs against the database has one
+    (a refusal or an unparsable entry changes nothing, so it needs no place in a lane)."""
+    job = work.job
+    if isinstance(job, Job) and work.error is None:
+        return job.order_key
+    return None
 
 
 class Pace:

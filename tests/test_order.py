@@ -1,0 +1,127 @@
+"""Order (DESIGN.md §11): jobs on the same row take effect in the order they were sent, across
+worker processes, through the ingest and straight to the partitions, on both backends.
+
+Every job returns the row's value after it, so not only the end state but every step is
+checked against applying the jobs one by one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tests.conftest import REDIS_URL
+from tests.faults import WorkerProcesses
+from worker.client import UpdateClient
+from worker.jobs import Reply
+
+ROWS, STEPS = 24, 30
+metadata = sa.MetaData()
+series = sa.Table("series", metadata, sa.Column("id", sa.Integer, primary_key=True),
+                  sa.Column("x", sa.Integer, nullable=False))  # fmt: skip
+shared = sa.Table("shared", metadata, sa.Column("id", sa.Integer, primary_key=True),
+                  sa.Column("x", sa.Integer, nullable=False))  # fmt: skip
+
+
+def step(row: int, number: int) -> dict[str, Any]:
+    """Job ``number`` of ``row``'s series: set x = 10·number, or add 1, alternately."""
+    change = {"set": {"x": 10 * number}} if number % 2 == 0 else {"inc": {"x": 1}}
+    return {"id": f"r{row}-s{number}", "table": "series", "key": {"id": row}, **change,
+            "returning": ["x"]}  # fmt: skip
+
+
+def sequential(number: int) -> int:
+    """The value after job ``number`` when the jobs apply one by one."""
+    return 10 * number if number % 2 == 0 else 10 * (number - 1) + 1
+
+
+def shared_step(number: int) -> dict[str, Any]:
+    change = {"set": {"x": 10 * number}} if number % 2 == 0 else {"inc": {"x": 1}}
+    return {"id": f"w-s{number}", "table": "shared", "where": {"id": {"gte": 0}}, **change,
+            "returning": ["x"]}  # fmt: skip
+
+
+@pytest.fixture
+async def workers(
+    engine: AsyncEngine, database_url: str, prefix: str, tmp_path: Path
+) -> AsyncIterator[WorkerProcesses]:
+    async with engine.begin() as connection:
+        await connection.run_sync(metadata.create_all)
+        await connection.execute(series.insert(), [{"id": row, "x": 0} for row in range(ROWS)])
+        await connection.execute(shared.insert(), [{"id": row, "x": 0} for row in range(3)])
+    processes = WorkerProcesses({"WORKER_DATABASE_URL": database_url, "WORKER_REDIS_URL": REDIS_URL,
+                                 "WORKER_PREFIX": prefix, "WORKER_LEASE_MS": "2000",
+                                 "WORKER_BLOCK_MS": "500", "WORKER_CONCURRENCY": "4"}, tmp_path)  # fmt: skip
+    try:
+        yield processes
+        running = len(processes.alive())
+        assert await processes.terminate() == [0] * running, processes.tail()
+    finally:
+        processes.kill_all()
+
+
+async def replies_for(redis: Redis, prefix: str, ids: list[str]) -> dict[str, Reply]:
+    found: dict[str, Reply] = {}
+    for _ in range(1200):  # up to 60 s
+        missing = [job_id for job_id in ids if job_id not in found]
+        if not missing:
+            return found
+        values = await redis.mget([f"{prefix}:result:{job_id}" for job_id in missing])
+        for job_id, value in zip(missing, values, strict=True):
+            if value is not None and (reply := Reply.model_validate_json(value)).final:
+                found[job_id] = reply
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{len(ids) - len(found)} job(s) without a final reply")
+
+
+async def test_jobs_on_a_row_apply_in_order_across_three_worker_processes(
+    workers: WorkerProcesses, redis: Redis, prefix: str, engine: AsyncEngine
+) -> None:
+    for _ in range(3):
+        workers.spawn()
+    async with UpdateClient(REDIS_URL, prefix=prefix) as client:
+        # Wait until a worker recorded the partition count: the client then writes straight
+        # to the partitions, while the even rows go through the ingest as redis-cli would.
+        for _ in range(200):
+            if await redis.hget(f"{prefix}:meta", "partitions"):
+                break
+            await asyncio.sleep(0.05)
+        ids: list[str] = []
+        for number in range(STEPS):
+            direct = [step(row, number) for row in range(1, ROWS, 2)]
+            async with redis.pipeline(transaction=False) as pipe:
+                for row in range(0, ROWS, 2):
+                    pipe.xadd(f"{prefix}:jobs", {"job": json.dumps(step(row, number))})
+                pipe.xadd(f"{prefix}:jobs", {"job": json.dumps(shared_step(number))})
+                await pipe.execute()
+            for job in direct:
+                job["reply_to"] = f"{prefix}:replies"
+            await client.submit_many(direct)
+            ids += [f"r{row}-s{number}" for row in range(ROWS)] + [f"w-s{number}"]
+    replies = await replies_for(redis, prefix, ids)
+    wrong = {job_id: reply for job_id, reply in replies.items()
+             if reply.status != "ok" or reply.returning is None}  # fmt: skip
+    assert not wrong, list(wrong.items())[:3]
+    out_of_order: list[tuple[Any, int, Any]] = []
+    for row in range(ROWS):
+        for number in range(STEPS):
+            reply = replies[f"r{row}-s{number}"]
+            if reply.returning != [{"x": sequential(number)}]:
+                out_of_order.append((row, number, reply.returning))
+    for number in range(STEPS):
+        reply = replies[f"w-s{number}"]
+        if reply.returning != [{"x": sequential(number)}] * 3:
+            out_of_order.append(("shared", number, reply.returning))
+    assert out_of_order == [], out_of_order[:10]
+    async with engine.connect() as connection:
+        final = dict((await connection.execute(sa.select(series.c.id, series.c.x))).all())
+    assert final == {row: sequential(STEPS - 1) for row in range(ROWS)}
+    assert len(workers.matches(r"partition (\d+): taken over")) >= 16

@@ -1,0 +1,116 @@
+"""Reading the partitions a worker owns (DESIGN.md §11), fenced by their leases.
+
+A read is a script per partition that checks the partition's lease names this worker before
+it runs XREADGROUP, so an owner that lost its lease (paused, cut off) can be handed nothing
+after its successor's takeover. That matters for order: anything an old owner was handed
+before the takeover is pending under it, and the new owner claims all of it, in stream order,
+before it reads anything new. Scripts cannot block, so when nothing is new the worker waits
+with a plain XREAD BLOCK past each partition's last delivered id, then reads again.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from redis.asyncio import Redis
+
+from worker.streams import Claim, Entry, Names, text
+
+# KEYS: partition stream, its lease. ARGV: lease value (this worker), group, consumer, count.
+# Returns false when the lease is not ours; {1, entries} for new entries; {0, last id the
+# group was handed} when there is nothing new.
+_READ: Final = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return false end
+local read = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4],
+                        'STREAMS', KEYS[1], '>')
+if read then return {1, read[1][2]} end
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local fields = {}
+  for i = 1, #group, 2 do fields[group[i]] = group[i + 1] end
+  if fields['name'] == ARGV[2] then return {0, fields['last-delivered-id']} end
+end
+return {0, '0-0'}
+"""
+_CLAIM_PAGE: Final = 500
+
+
+@dataclass
+class Batch:
+    entries: list[Entry] = field(default_factory=list)
+    #: Partitions whose lease turned out not to be ours any more.
+    lost: list[int] = field(default_factory=list)
+    #: For partitions with nothing new: the last id handed out, to wait past.
+    idle: dict[int, str] = field(default_factory=dict)
+
+
+class Reader:
+    def __init__(self, redis: Redis, names: Names, *, group: str, consumer: str) -> None:
+        self.redis, self.names, self._group, self._consumer = redis, names, group, consumer
+        self._read = redis.register_script(_READ)
+
+    async def read(self, partitions: Collection[int], *, count: int) -> Batch:
+        """New entries of ``partitions`` (in stream order within each), at most about
+        ``count`` in all."""
+        owned = sorted(partitions)
+        batch = Batch()
+        if not owned:
+            return batch
+        each = max(1, math.ceil(count / len(owned)))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for number in owned:
+                keys = [self.names.partition(number), self.names.owner(number)]
+                args: list[str | int] = [self._consumer, self._group, self._consumer, each]
+                await self._read(keys=keys, args=args, client=pipe)
+            answers: list[Any] = await pipe.execute()
+        for number, answer in zip(owned, answers, strict=True):
+            if not answer:
+                batch.lost.append(number)
+            elif int(answer[0]) == 1:
+                batch.entries += [Entry(id=text(entry_id), fields=_fields(flat), partition=number)
+                                  for entry_id, flat in answer[1]]  # fmt: skip
+            else:
+                batch.idle[number] = text(answer[1])
+        return batch
+
+    async def wait(self, idle: Mapping[int, str], *, block_ms: int) -> None:
+        """Return once any of the ``idle`` partitions has an entry past its last delivered
+        id, or after ``block_ms``."""
+        if idle:
+            streams: dict[Any, Any] = {self.names.partition(number): last
+                                       for number, last in idle.items()}  # fmt: skip
+            await self.redis.xread(streams, count=1, block=block_ms)
+
+    async def claim_all(self, number: int) -> Claim:
+        """Every entry pending in partition ``number``, whoever was handed it, now this
+        worker's, in stream order: what a new owner serves before anything new."""
+        stream = self.names.partition(number)
+        entries: list[Entry] = []
+        deleted: list[str] = []
+        cursor = "0-0"
+        while True:
+            cursor_raw, claimed, *rest = await self.redis.xautoclaim(
+                stream, self._group, self._consumer, 0, start_id=cursor, count=_CLAIM_PAGE
+            )
+            deleted += [text(entry_id) for entry_id in (rest[0] if rest else [])]
+            live = [(text(entry_id), fields) for entry_id, fields in claimed if fields is not None]
+            counts = await self._deliveries(stream, [entry_id for entry_id, _ in live])
+            entries += [Entry(id=entry_id, fields=fields, deliveries=counts.get(entry_id, 1),
+                              partition=number) for entry_id, fields in live]  # fmt: skip
+            cursor = text(cursor_raw)
+            if cursor == "0-0":
+                return Claim(entries=entries, deleted=deleted)
+
+    async def _deliveries(self, stream: str, entry_ids: list[str]) -> dict[str, int]:
+        if not entry_ids:
+            return {}
+        first, last = entry_ids[0], entry_ids[-1]
+        rows = await self.redis.xpending_range(stream, self._group, first, last, len(entry_ids),
+                                               consumername=self._consumer)  # fmt: skip
+        return {text(row["message_id"]): int(row["times_delivered"]) for row in rows}
+
+
+def _fields(flat: list[Any]) -> dict[bytes, bytes]:
+    return {flat[index]: flat[index + 1] for index in range(0, len(flat), 2)}
