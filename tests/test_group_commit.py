@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tests.tables import items
 from worker.compiler import Plan, compile_job
 from worker.executor import Executor, groupable
-from worker.jobs import Job, parse_entry
+from worker.jobs import Job, Reply, parse_entry
 from worker.ledger import ensure_ledger, ledger
 from worker.schema import Schema, reflect_schema
 
@@ -76,14 +76,14 @@ async def test_a_group_answers_like_one_job_at_a_time(engine: AsyncEngine, schem
     group = [compiled(schema, inc(f"g-{n}", 1 + n % 4)) for n in range(12)] + [
         compiled(schema, inc("g-none", 9))
     ]
-    replies = await executor.execute_group(group)
+    replies = await run_group(executor, group)
     assert [(reply.id, reply.status, reply.rowcount, reply.replayed) for reply in replies] == [
         *((f"g-{n}", "ok", 1, False) for n in range(12)),
         ("g-none", "ok", 0, False),
     ]
     assert await quantities(engine) == [10 + 3, 0 + 3, 25 + 3, 5 + 3]
     assert await ledger_count(engine) == 13
-    again = await executor.execute_group(group)  # all finished: replayed, nothing applied
+    again = await run_group(executor, group)  # all finished: replayed, nothing applied
     assert all(reply.replayed for reply in again)
     assert [reply.rowcount for reply in again] == [reply.rowcount for reply in replies]
     assert await quantities(engine) == [13, 3, 28, 8]
@@ -100,7 +100,7 @@ async def test_repeated_and_finished_ids_in_a_group_are_replayed_or_conflict(
         compiled(schema, inc("twice", 1)),
         compiled(schema, {**inc("twice", 1), "inc": {"qty": 5}}),  # same id, other payload
     ]
-    replies = await executor.execute_group(group)
+    replies = await run_group(executor, group)
     assert [(reply.status, reply.replayed) for reply in replies[:3]] == [
         ("ok", False),
         ("ok", True),
@@ -123,7 +123,7 @@ async def test_one_failing_job_rolls_the_group_back_and_the_rest_still_succeed(
         ),
         compiled(schema, inc("ok-2", 4)),
     ]
-    replies = await executor.execute_group(group)
+    replies = await run_group(executor, group)
     codes = [reply.error.code if reply.error else reply.status for reply in replies]
     assert codes == ["ok", "expectation_failed", "integrity_error", "ok"]
     assert await quantities(engine) == [11, 0, 25, 6]
@@ -140,7 +140,7 @@ async def test_concurrent_groups_over_the_same_rows_never_deadlock(
         [compiled(schema, inc(f"c-{g}-{n}", rng.randint(1, 4))) for n in range(25)]
         for g in range(8)
     ]
-    results = await asyncio.gather(*(executor.execute_group(group) for group in groups))
+    results = await asyncio.gather(*(run_group(executor, group) for group in groups))
     replies = [reply for group in results for reply in group]
     assert {(reply.status, reply.replayed, reply.attempts) for reply in replies} == {
         ("ok", False, 1)
@@ -158,7 +158,7 @@ async def test_jobs_on_one_row_apply_in_the_order_they_came_whatever_their_shape
         compiled(schema, {**inc("third", 1), "inc": {"qty": 5}, "returning": ["qty", "name"]}),
         compiled(schema, inc("elsewhere", 2, returning=["qty"])),
     ]
-    replies = await executor.execute_group(group)
+    replies = await run_group(executor, group)
     assert [reply.rowcount for reply in replies] == [1, 1, 1, 1]
     assert replies[2].returning == [{"qty": 105, "name": "Apple"}]
     assert replies[3].returning == [{"qty": 1}]
@@ -170,9 +170,16 @@ async def test_a_group_returns_what_one_job_at_a_time_returns(
 ) -> None:
     executor = Executor(engine, worker="g", max_returning=0)
     alone = await executor.execute(*compiled(schema, inc("alone", 3, returning=["qty", "price"])))
-    [together, missing] = await executor.execute_group([
+    [together, missing] = await run_group(executor, [
         compiled(schema, inc("together", 3, returning=["qty", "price"])),
         compiled(schema, inc("missing", 99, returning=["qty"])),
     ])  # fmt: skip
     assert (alone.rowcount, alone.returning) == (together.rowcount, together.returning) == (1, [])
     assert (missing.rowcount, missing.returning) == (0, [])
+
+
+async def run_group(executor: Executor, group: list[tuple[Job, Plan]]) -> list[Reply]:
+    """execute_group, where every job runs (no order key held up by a transient failure)."""
+    replies = await executor.execute_group(group)
+    assert all(reply is not None for reply in replies)
+    return [reply for reply in replies if reply is not None]

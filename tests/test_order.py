@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import REDIS_URL
 from tests.faults import WorkerProcesses
+from tests.test_operate import cli
 from worker.client import UpdateClient
 from worker.jobs import Reply
 
@@ -125,3 +126,28 @@ async def test_jobs_on_a_row_apply_in_order_across_three_worker_processes(
         final = dict((await connection.execute(sa.select(series.c.id, series.c.x))).all())
     assert final == {row: sequential(STEPS - 1) for row in range(ROWS)}
     assert len(workers.matches(r"partition (\d+): taken over")) >= 16
+
+
+async def test_the_partition_count_is_fixed_until_everything_is_drained(
+    redis: Redis, database_url: str, engine: AsyncEngine, prefix: str
+) -> None:
+    del engine  # seeded
+    env = {"WORKER_REDIS_URL": REDIS_URL, "WORKER_DATABASE_URL": database_url,
+           "WORKER_PREFIX": prefix}  # fmt: skip
+    assert "no partitions recorded" in (await cli("partitions", **env)).stdout
+    await redis.hset(f"{prefix}:meta", "partitions", 16)  # as the first worker records it
+    refused = await cli("run", "--burst", **env, WORKER_PARTITIONS="8")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        f"update-worker: WORKER_PARTITIONS: this deployment ({prefix}:meta) has 16 partitions, "
+        "not 8; `update-worker partitions --set 8` changes it once every partition is drained"
+    ]
+    await redis.xadd(f"{prefix}:{{p3}}:jobs", {"job": "{}"})  # not drained
+    busy = await cli("partitions", "--set", "8", **env)
+    assert busy.returncode == 1
+    assert "1 entr(y/ies) in the streams" in busy.stderr
+    await redis.delete(f"{prefix}:{{p3}}:jobs")
+    changed = await cli("partitions", "--set", "8", **env)
+    assert changed.returncode == 0, changed.stderr
+    assert (await cli("run", "--burst", **env, WORKER_PARTITIONS="8")).returncode == 0
+    assert "8 partitions recorded" in (await cli("partitions", **env)).stdout

@@ -72,14 +72,18 @@ class Answers:
                 self.metrics.queued(entry_ms(work.entry.id))
             replies = await self.executor.execute_group([_ready(work) for work in unit],
                                                         fences=fences)  # fmt: skip
-        answers = list(zip(unit, replies, strict=True))
+        answers = [(work, reply) for work, reply in zip(unit, replies, strict=True) if reply]
         await self.transport.reply_many(
             [(work.entry, reply, work.job.reply_to) for work, reply in answers]
         )
         for work, reply in answers:
             self._answered(work.entry, work.job, reply)
-        for work, reply in answers:
-            if not reply.final:  # in stream order: the later ones on its key wait anyway
+        # In stream order: a job without a final reply goes round again, and one that was not
+        # run (its order key's earlier job had not finished) runs after it.
+        for work, maybe in zip(unit, replies, strict=True):
+            if maybe is None:
+                await self._one(work, slots, fences)
+            elif not maybe.final:
                 await self._one(work, slots, fences, rounds=1)
 
     async def _one(

@@ -153,7 +153,10 @@ def _parser() -> argparse.ArgumentParser:
     check = command("check", commands.check, text)
     text = "also require this host's worker (WORKER_METRICS_PORT) to answer /readyz"
     check.add_argument("--local", action="store_true", help=text)
-    stats = command("stats", commands.stats, "stream, pending, consumers, dead letters, jobs/s")
+    text = "show the partition count; --set N changes it once nothing runs and all is drained"
+    count = command("partitions", commands.partitions, text)
+    count.add_argument("--set", type=_positive, metavar="N", help="the new partition count")
+    stats = command("stats", commands.stats, "partitions, owners, pending, consumers, jobs/s")
     stats.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     stats.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
 

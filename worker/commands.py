@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from worker import admin, deadletters, ledger
+from worker import admin, deadletters, deployment, ledger
 from worker.client import UpdateClient
 from worker.engine import create_engine
 from worker.errors import SettingsError
@@ -127,6 +127,38 @@ def _stats_table(settings: Settings, now: Snapshot, rate: float) -> Group:
         age = "-" if view.oldest_pending_age_s is None else f"{view.oldest_pending_age_s:.1f} s"
         parts.add_row(str(view.number), owner, f"{view.length:,}", f"{view.pending:,}", age)
     return Group(table, parts)
+
+
+def partitions(settings: Settings, args: argparse.Namespace) -> int:
+    """Show the recorded partition count, or change it (``--set N``) once nothing runs and
+    every stream is drained: moving a job to another partition mid-flight would break order."""
+
+    async def run() -> int:
+        names = Names(settings.prefix)
+        redis = settings.redis()
+        try:
+            recorded = await deployment.recorded_partitions(redis, names)
+            if args.set is None:
+                print(f"{recorded if recorded is not None else 'no'} partitions recorded in "
+                      f"{names.meta} (WORKER_PARTITIONS={settings.partitions})")  # fmt: skip
+                return EXIT_OK
+            live = [record.consumer for record in await deployment.records(redis, names)
+                    if record.live]  # fmt: skip
+            length, pending, _ = await admin.backlog(redis, names, settings.group,
+                                                     recorded or 0)  # fmt: skip
+            if live or length or pending:
+                print(f"partitions --set: refused: {len(live)} live worker(s), {length:,} "
+                      f"entr(y/ies) in the streams, {pending:,} pending; stop the workers "
+                      "and let the streams drain first", file=sys.stderr)  # fmt: skip
+                return EXIT_FAILED
+            await redis.hset(names.meta, deployment.PARTITIONS, args.set)
+            print(f"partitions: {recorded} -> {args.set}; start the workers with "
+                  f"WORKER_PARTITIONS={args.set}")  # fmt: skip
+            return EXIT_OK
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(run())
 
 
 def dead(settings: Settings, args: argparse.Namespace) -> int:

@@ -212,23 +212,34 @@ class Executor:
 
     async def execute_group(
         self, items: Sequence[tuple[Job, Plan]], *, fences: Fences = NO_FENCES
-    ) -> list[Reply]:
+    ) -> list[Reply | None]:
         """Apply many single-row jobs (see :func:`groupable`) in one transaction.
 
         Row locks are taken in key order, so concurrent groups never wait on each other in a
         cycle. Ids already in the ledger are replayed, and an id repeated within the group
         replays its first copy. If anything goes wrong inside (a guard, a bad value, a
         deadlock, an id another worker is recording right now), the whole group rolls back
-        and each job runs alone: one bad job never fails its neighbours.
+        and each job runs alone: one bad job never fails its neighbours. A job whose order
+        key's earlier job ended without a final reply is not run then (None): its lane waits.
         """
         started = time.perf_counter()
         try:
-            return await self._commit_group(items, started, fences)
+            return list(await self._commit_group(items, started, fences))
         except Fenced:
             raise
         except WorkerError as error:
             log.info("group of %d rolled back (%s); one job at a time", len(items), error.message)
-        return [await self.execute(job, plan, fences=fences) for job, plan in items]
+        replies: list[Reply | None] = []
+        held_up: set[str] = set()  # order keys whose earlier job did not finish
+        for job, plan in items:
+            if job.order_key in held_up:
+                replies.append(None)  # not run: its lane waits for the earlier job
+                continue
+            reply = await self.execute(job, plan, fences=fences)
+            if not reply.final:
+                held_up.add(job.order_key)
+            replies.append(reply)
+        return replies
 
     async def _commit_group(
         self, items: Sequence[tuple[Job, Plan]], started: float, fences: Fences
