@@ -86,6 +86,7 @@ class Ours:
             worker.wait(60)
         await self.pubsub.aclose()  # type: ignore[no-untyped-call]
         keys = [key async for key in self.redis.scan_iter(match=f"{self.prefix}:*", count=5000)]
+        keys += [f"{{{self.prefix}:jobs}}:mover", f"{{{self.prefix}:jobs}}:mover-generation"]
         for start in range(0, len(keys), 1000):
             await self.redis.delete(*keys[start : start + 1000])
         await self.redis.aclose()

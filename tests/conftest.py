@@ -120,6 +120,7 @@ async def prefix(redis: Redis) -> AsyncIterator[str]:
     name = f"test-{uuid.uuid4().hex[:12]}"
     yield name
     keys = [key async for key in redis.scan_iter(match=f"{name}:*", count=1000)]
+    keys += [f"{{{name}:jobs}}:mover", f"{{{name}:jobs}}:mover-generation"]  # the ingest's slot
     if keys:
         await redis.delete(*keys)
 
