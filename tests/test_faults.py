@@ -8,6 +8,7 @@ every job must have had exactly one effect: lost 0, doubled 0, nothing left pend
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -47,6 +48,25 @@ totals = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("count", sa.Integer, nullable=False),
 )
+#: Ordered series under the faults: each row gets STEPS jobs alternating set and inc, each
+#: returning the value after it, which must be what applying them one by one gives.
+series = sa.Table(
+    "seq",
+    fault_metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("x", sa.Integer, nullable=False),
+)
+SERIES_ROWS, STEPS = 20, 40
+
+
+def series_job(row: int, step: int) -> str:
+    change = {"set": {"x": 10 * step}} if step % 2 == 0 else {"inc": {"x": 1}}
+    return json.dumps({"id": f"ord-{row}-{step}", "table": "seq", "key": {"id": row}, **change,
+                       "returning": ["x"]})  # fmt: skip
+
+
+def series_value(step: int) -> int:
+    return 10 * step if step % 2 == 0 else 10 * (step - 1) + 1
 
 
 def job(number: int) -> str:
@@ -83,6 +103,8 @@ class Figures:
     entries_reclaimed: int = 0
     database_retries: int = 0
     redis_retries: int = 0
+    ordered_jobs: int = 0
+    out_of_order: int = 0
     left_pending: int = 0
     left_in_stream: int = 0
     dead_letters: int = 0
@@ -104,6 +126,8 @@ async def prepare(engine: AsyncEngine, jobs: int) -> None:
         await connection.execute(totals.delete())
         await connection.execute(hits.insert(), [{"id": n, "count": 0} for n in range(jobs)])
         await connection.execute(totals.insert(), [{"id": n, "count": 0} for n in range(TOTALS)])
+        await connection.execute(series.delete())
+        await connection.execute(series.insert(), [{"id": n, "x": 0} for n in range(SERIES_ROWS)])
 
 
 class Producer:
@@ -135,13 +159,21 @@ class Producer:
             self.duplicates += len(again)
             await self._send(redis, again)
 
-    async def _send(self, redis: Redis, numbers: list[int]) -> None:
+    async def run_series(self, *, seconds: float) -> None:
+        """The ordered series: step by step over every row, paced over ``seconds``."""
+        async with Redis.from_url(self.url, socket_timeout=5) as redis:
+            for step in range(STEPS):
+                await self._send(redis, [series_job(row, step) for row in range(SERIES_ROWS)])
+                await asyncio.sleep(seconds / STEPS)
+
+    async def _send(self, redis: Redis, numbers: list[int] | list[str]) -> None:
         tries = 0
         while True:
             try:
                 async with redis.pipeline(transaction=False) as pipe:
                     for number in numbers:
-                        pipe.xadd(self.stream, {"job": job(number)})
+                        pipe.xadd(self.stream, {"job": job(number) if isinstance(number, int)
+                                                else number})  # fmt: skip
                     await pipe.execute()
             except Exception as error:  # any outage: the restart under test
                 tries += 1
@@ -193,7 +225,7 @@ def worker_env(database_url: str, redis_url: str, prefix: str, **extra: str) -> 
         "WORKER_DATABASE_URL": database_url,
         "WORKER_REDIS_URL": redis_url,
         "WORKER_PREFIX": prefix,
-        "WORKER_TABLES": "hits,totals",
+        "WORKER_TABLES": "hits,totals,seq",
         "WORKER_CLAIM_IDLE_MS": "1000",
         "WORKER_BLOCK_MS": "500",
         "WORKER_LOG_LEVEL": "INFO",
@@ -243,6 +275,22 @@ async def settle(redis: Redis, prefix: str, jobs: int, *, timeout: float) -> Non
     )
 
 
+async def settle_series(redis: Redis, prefix: str, *, timeout: float) -> None:
+    keys = [
+        f"{prefix}:result:ord-{row}-{step}" for row in range(SERIES_ROWS) for step in range(STEPS)
+    ]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ConnectionError):
+            if all(data and b'"status":"ok"' in data for data in await redis.mget(keys)):
+                return
+        await asyncio.sleep(0.25)
+    stored = await redis.mget(keys)
+    missing = [(key, data) for key, data in zip(keys, stored, strict=True)
+               if not data or b'"status":"ok"' not in data]  # fmt: skip
+    raise TimeoutError(f"the ordered series did not settle: {len(missing)} not ok: {missing[:4]}")
+
+
 async def measure(figures: Figures, engine: AsyncEngine, redis: Redis, prefix: str) -> None:
     async with engine.connect() as connection:
         counts = list(
@@ -266,6 +314,14 @@ async def measure(figures: Figures, engine: AsyncEngine, redis: Redis, prefix: s
         redis, Names(prefix), GROUP, 16
     )
     figures.dead_letters = int(await redis.xlen(f"{prefix}:dead"))
+    keys = [
+        f"{prefix}:result:ord-{row}-{step}" for row in range(SERIES_ROWS) for step in range(STEPS)
+    ]
+    expected = [[{"x": series_value(step)}] for _ in range(SERIES_ROWS) for step in range(STEPS)]
+    found = [None if data is None else Reply.model_validate_json(data).returning
+             for data in await redis.mget(keys)]  # fmt: skip
+    figures.ordered_jobs = len(keys)
+    figures.out_of_order = sum(1 for got, want in zip(found, expected, strict=True) if got != want)
 
 
 @pytest.mark.timeout(120 + FAULT_JOBS // 25)
@@ -285,6 +341,7 @@ async def test_sigkill_redis_crash_and_backend_kills_lose_nothing_and_double_not
     try:
         slots = [workers.spawn() for _ in range(3)]
         producing = asyncio.create_task(producer.run(seconds=max(6.0, jobs / 400)))
+        ordering = asyncio.create_task(producer.run_series(seconds=max(6.0, jobs / 400)))
         # Chaos: a kill every ~0.5 s, two Redis crashes, and (PostgreSQL) backend kills.
         redis_crash_at = {8, 20}
         round_number = 0
@@ -299,8 +356,10 @@ async def test_sigkill_redis_crash_and_backend_kills_lose_nothing_and_double_not
             if backend == "postgresql" and round_number % 6 == 3:
                 figures.backend_terminations += await terminate_backends(fault_db)
         await producing
+        await ordering
         async with Redis.from_url(private_redis.url) as redis:
             await settle(redis, prefix, jobs, timeout=60 + jobs / 50)
+            await settle_series(redis, prefix, timeout=60)
             figures.idle_in_transaction = await idle_in_transaction(fault_db, backend)
             figures.exit_codes = await workers.terminate()
             await measure(figures, fault_db, redis, prefix)
@@ -320,7 +379,7 @@ async def test_sigkill_redis_crash_and_backend_kills_lose_nothing_and_double_not
     figures.redis_retries = len(workers.matches(r"failed \(.*\), try \d+ of|reading jobs failed"))
     figures.seconds = round(time.monotonic() - started, 1)
     print("FAULTS", json.dumps(asdict(figures)))
-    assert (figures.lost, figures.doubled) == (0, 0), figures
+    assert (figures.lost, figures.doubled, figures.out_of_order) == (0, 0, 0), figures
     assert figures.effects_applied == jobs == figures.ledger_rows
     assert figures.totals_sum == batches(jobs)
     assert figures.ok_replies_stored == jobs

@@ -143,8 +143,9 @@ async def test_every_worker_command_runs_under_the_minimal_acl(
         entries = (await reader.read([0, 1], count=10)).entries  # EVALSHA: XREADGROUP, XINFO
         assert len(entries) == 3
         await reader.wait({0: "$"}, block_ms=10)  # XREAD
-        claimed = await reader.claim_all(entries[0].partition)  # XAUTOCLAIM + XPENDING
+        claimed = await reader.claim_all(entries[0].partition)  # XAUTOCLAIM, XPENDING, XRANGE
         assert claimed.entries
+        await reader.count_start(claimed.entries)  # XCLAIM
         reply = Reply(id="acl-1", status="ok", rowcount=1)
         await transport.reply(entries[0], reply, channel=f"{prefix}:replies")
         await transport.dead_letter(entries[1], reason="unparsable", reply=reply, channel=None)

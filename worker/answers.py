@@ -22,6 +22,7 @@ from worker.executor import Executor, Fences
 from worker.jobs import Job, Rejection, Reply
 from worker.logs import FIELDS
 from worker.metrics import Metrics
+from worker.reading import Reader
 from worker.recovery import Recovery
 from worker.schema import Schema
 from worker.settings import Settings
@@ -44,9 +45,12 @@ class Answers:
     schema: Schema
     recovery: Recovery
     metrics: Metrics
+    reader: Reader
 
     async def handle(self, unit: list[Work], slots: asyncio.Semaphore, *, fences: Fences) -> None:
         """Answer every entry of ``unit`` finally; returns only then (or when fenced)."""
+        if claimed := [work.entry for work in unit if work.entry.claimed]:
+            await self.reader.count_start(claimed)
         faults = 0
         while True:
             try:

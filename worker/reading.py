@@ -35,6 +35,10 @@ end
 return {0, '0-0'}
 """
 _CLAIM_PAGE: Final = 500
+# KEYS: partition stream. ARGV: group, consumer, start id, count. Does not count a delivery.
+_CLAIM: Final = """
+return redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'COUNT', ARGV[4], 'JUSTID')
+"""
 
 
 @dataclass
@@ -50,6 +54,7 @@ class Reader:
     def __init__(self, redis: Redis, names: Names, *, group: str, consumer: str) -> None:
         self.redis, self.names, self._group, self._consumer = redis, names, group, consumer
         self._read = redis.register_script(_READ)
+        self._claim = redis.register_script(_CLAIM)
 
     async def read(self, partitions: Collection[int], *, count: int) -> Batch:
         """New entries of ``partitions`` (in stream order within each), at most about
@@ -85,31 +90,59 @@ class Reader:
 
     async def claim_all(self, number: int) -> Claim:
         """Every entry pending in partition ``number``, whoever was handed it, now this
-        worker's, in stream order: what a new owner serves before anything new."""
+        worker's, in stream order: what a new owner serves before anything new.
+
+        Claimed with JUSTID, which does not count a delivery: a takeover is no attempt at the
+        job (churn among owners would otherwise dead-letter healthy jobs). The delivery is
+        counted when a worker starts the entry (:meth:`count_start`)."""
         stream = self.names.partition(number)
-        entries: list[Entry] = []
+        ids: list[str] = []
         deleted: list[str] = []
         cursor = "0-0"
         while True:
-            cursor_raw, claimed, *rest = await self.redis.xautoclaim(
-                stream, self._group, self._consumer, 0, start_id=cursor, count=_CLAIM_PAGE
-            )
+            # A script, for XAUTOCLAIM ... JUSTID's whole reply (redis-py keeps only the ids).
+            args: list[str | int] = [self._group, self._consumer, cursor, _CLAIM_PAGE]
+            cursor_raw, claimed, *rest = await self._claim(keys=[stream], args=args)
             deleted += [text(entry_id) for entry_id in (rest[0] if rest else [])]
-            live = [(text(entry_id), fields) for entry_id, fields in claimed if fields is not None]
-            counts = await self._deliveries(stream, [entry_id for entry_id, _ in live])
-            entries += [Entry(id=entry_id, fields=fields, deliveries=counts.get(entry_id, 1),
-                              partition=number) for entry_id, fields in live]  # fmt: skip
+            ids += [text(entry_id) for entry_id in claimed]
             cursor = text(cursor_raw)
             if cursor == "0-0":
-                return Claim(entries=entries, deleted=deleted)
+                break
+        entries: list[Entry] = []
+        for start in range(0, len(ids), _CLAIM_PAGE):
+            page = ids[start : start + _CLAIM_PAGE]
+            counts = await _pending_counts(self.redis, stream, self._group, self._consumer, page)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for entry_id in page:
+                    pipe.xrange(stream, entry_id, entry_id)
+                found: list[Any] = await pipe.execute()
+            for entry_id, rows in zip(page, found, strict=True):
+                if not rows:
+                    deleted.append(entry_id)  # trimmed meanwhile
+                    continue
+                starts = counts.get(entry_id, 1) + 1  # with the start about to be counted
+                entries.append(Entry(id=entry_id, fields=rows[0][1], partition=number,
+                                     deliveries=starts, claimed=True))  # fmt: skip
+        return Claim(entries=entries, deleted=deleted)
 
-    async def _deliveries(self, stream: str, entry_ids: list[str]) -> dict[str, int]:
-        if not entry_ids:
-            return {}
-        first, last = entry_ids[0], entry_ids[-1]
-        rows = await self.redis.xpending_range(stream, self._group, first, last, len(entry_ids),
-                                               consumername=self._consumer)  # fmt: skip
-        return {text(row["message_id"]): int(row["times_delivered"]) for row in rows}
+    async def count_start(self, entries: list[Entry]) -> None:
+        """Count a delivery of each claimed entry as its worker starts it (XCLAIM without
+        JUSTID), so an entry that kills every worker that runs it ends as a dead letter."""
+        by_stream: dict[str, list[str]] = {}
+        for entry in entries:
+            by_stream.setdefault(self.names.partition(entry.partition), []).append(entry.id)
+        for stream, entry_ids in by_stream.items():
+            claimed: Any = entry_ids
+            await self.redis.xclaim(stream, self._group, self._consumer, 0, claimed)
+
+
+async def _pending_counts(redis: Redis, stream: str, group: str, consumer: str,
+                          entry_ids: list[str]) -> dict[str, int]:  # fmt: skip
+    if not entry_ids:
+        return {}
+    rows = await redis.xpending_range(stream, group, entry_ids[0], entry_ids[-1],
+                                      len(entry_ids), consumername=consumer)  # fmt: skip
+    return {text(row["message_id"]): int(row["times_delivered"]) for row in rows}
 
 
 def _fields(flat: list[Any]) -> dict[bytes, bytes]:

@@ -146,6 +146,7 @@ def _wire(  # noqa: PLR0917 - the pieces open_worker built, wired once
             schema=schema,
             recovery=recovery,
             metrics=metrics,
+            reader=reader,
         ),
         reader=reader,
         ownership=Ownership(

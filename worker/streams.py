@@ -65,6 +65,8 @@ class Entry:
     deliveries: int = 1
     #: The partition stream it was read from (DESIGN.md §11).
     partition: int = 0
+    #: Claimed at a takeover: its delivery is counted only when a worker starts it.
+    claimed: bool = False
 
     @property
     def known_as(self) -> str:
