@@ -18,6 +18,8 @@ from tests.conftest import REDIS_URL, eventually
 from tests.faults import WorkerProcesses
 from tests.test_recovery import qty, row_locked
 from worker.client import UpdateClient
+from worker.deployment import LIVE_S
+from worker.ownership import TAKEOVER_WAIT_S
 from worker.jobs import Reply
 
 
@@ -62,7 +64,9 @@ async def test_a_paused_owner_is_fenced_and_its_successor_takes_over_within_the_
             await asyncio.sleep(2)  # it wakes up, finds itself fenced, and must apply nothing
         assert [(reply.status, reply.rowcount) for reply in replies] == [("ok", 1), ("ok", 1)]
         assert all(_successor(reply, first.pid) for reply in replies)
-        assert took < 1.0 + 1.0 + 2.0  # the lease, the bound, and the successor's start-up
+        # The lease (1 s) or, while the paused worker's heartbeat still looks live, LIVE_S
+        # (3 s); then the fence's bound (1 s); and the successor's own start-up (about 1 s).
+        assert took < LIVE_S + TAKEOVER_WAIT_S + 2.0
         assert await qty(engine, 1) == 600  # the newest value; the old owner's write rolled back
         async with engine.connect() as connection:
             recorded = await connection.execute(sa.text(

@@ -8,8 +8,9 @@ lease is only a claim on Redis; what makes a stale owner harmless is the databas
 Sharing: the live workers, sorted by name, are each assigned the partitions n with
 ``n mod (live workers)`` equal to their rank, so each holds ⌈P / live⌉ or one fewer. A worker
 takes the free partitions assigned to it, hands over those assigned to another live worker,
-and takes any partition left free for ``orphan_after_s`` (its owner died and its assignment
-has not caught up yet).
+and takes any partition left free for ``orphan_after_s`` (as long as a worker stays live
+without a heartbeat, so a dead worker's partitions never wait for a stuck assignment, while a
+partition in the middle of a handover is not snatched by a third worker).
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ class Ownership:
                 if record.live}  # fmt: skip
         free_for_s = self.leases.free_for_s()
         steps = plan(me=self.leases.me, owners=owners, live=live, free_for_s=free_for_s,
-                     orphan_after_s=2 * self.tick_s)  # fmt: skip
+                     orphan_after_s=deployment.LIVE_S)  # fmt: skip
         for number in steps.release:
             await self.hand_over(number)
         for number in steps.take:

@@ -19,14 +19,16 @@ from redis.asyncio import Redis
 
 from worker.streams import Claim, Entry, Names, text
 
-# KEYS: partition stream, its lease. ARGV: lease value (this worker), group, consumer, count.
-# Returns false when the lease is not ours; {1, entries} for new entries; {0, last id the
-# group was handed} when there is nothing new.
+# KEYS: partition stream, its lease. ARGV: lease value (this worker), group, consumer, count,
+# and whether to look up where the group stands. Returns false when the lease is not ours;
+# {1, entries} for new entries; {0} when there is nothing new, or {0, the last id the group
+# was handed} when asked (once per takeover: after that, only this worker reads it).
 _READ: Final = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return false end
 local read = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4],
                         'STREAMS', KEYS[1], '>')
 if read then return {1, read[1][2]} end
+if ARGV[5] ~= 'info' then return {0} end
 for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   local fields = {}
   for i = 1, #group, 2 do fields[group[i]] = group[i + 1] end
@@ -54,6 +56,8 @@ class Reader:
     def __init__(self, redis: Redis, names: Names, *, group: str, consumer: str) -> None:
         self.redis, self.names, self._group, self._consumer = redis, names, group, consumer
         self._read = redis.register_script(_READ)
+        #: Partition -> the last id the group handed out there (to this worker, its reader).
+        self._last: dict[int, str] = {}
         self._claim = redis.register_script(_CLAIM)
 
     async def read(self, partitions: Collection[int], *, count: int) -> Batch:
@@ -67,17 +71,22 @@ class Reader:
         async with self.redis.pipeline(transaction=False) as pipe:
             for number in owned:
                 keys = [self.names.partition(number), self.names.owner(number)]
-                args: list[str | int] = [self._consumer, self._group, self._consumer, each]
+                info = "info" if number not in self._last else "-"
+                args: list[str | int] = [self._consumer, self._group, self._consumer, each, info]
                 await self._read(keys=keys, args=args, client=pipe)
             answers: list[Any] = await pipe.execute()
         for number, answer in zip(owned, answers, strict=True):
             if not answer:
                 batch.lost.append(number)
+                self._last.pop(number, None)
             elif int(answer[0]) == 1:
                 batch.entries += [Entry(id=text(entry_id), fields=_fields(flat), partition=number)
                                   for entry_id, flat in answer[1]]  # fmt: skip
+                self._last[number] = batch.entries[-1].id
             else:
-                batch.idle[number] = text(answer[1])
+                if len(answer) > 1:
+                    self._last[number] = text(answer[1])
+                batch.idle[number] = self._last.get(number, "$")
         return batch
 
     async def wait(self, idle: Mapping[int, str], *, block_ms: int) -> None:
@@ -96,6 +105,7 @@ class Reader:
         job (churn among owners would otherwise dead-letter healthy jobs). The delivery is
         counted when a worker starts the entry (:meth:`count_start`)."""
         stream = self.names.partition(number)
+        self._last.pop(number, None)  # a takeover: where the group stands is looked up again
         ids: list[str] = []
         deleted: list[str] = []
         cursor = "0-0"
