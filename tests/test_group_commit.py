@@ -14,7 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.tables import items
 from worker.compiler import Plan, compile_job
-from worker.executor import Executor, groupable
+from worker.executor import Executor
+from worker.groups import groupable
 from worker.jobs import Job, Reply, parse_entry
 from worker.ledger import ensure_ledger, ledger
 from worker.schema import Schema, reflect_schema

@@ -1,10 +1,9 @@
 """A group's one-row-by-key updates as a few set-based statements.
 
 Instead of one statement per job (a network round trip on PostgreSQL, a hop to the driver's
-thread on SQLite), a group costs:
-- on PostgreSQL, one ``SELECT … ORDER BY key FOR UPDATE`` per table, which takes the row locks
-  in key order (so concurrent groups never wait on each other in a cycle), and
-- one ``WITH v AS (VALUES …) UPDATE … FROM v RETURNING key`` per round and shape of job.
+thread on SQLite), a group costs one ``WITH v AS (VALUES …) UPDATE … FROM v RETURNING key`` per
+round and shape of job. (No locking ``SELECT … FOR UPDATE`` first any more: lanes keep two
+concurrent groups off the same order key, see worker/groups.py.)
 A round holds each row at most once, and the n-th job on a row goes in round n, so jobs on
 the same row still apply in the order they came. Statement sizes are rounded up to a power
 of two (padded with rows that match nothing), so only a handful of statements ever exist.
@@ -32,8 +31,6 @@ async def run_rows(
     session: AsyncSession, statements: Sequence[Statement], *, max_returning: int
 ) -> list[UpdateResult]:
     """The result of each statement (all with a ``shape``), in the given order."""
-    if session.get_bind().dialect.name == "postgresql":
-        await _lock_in_key_order(session, statements)  # SQLite's writer holds the whole file
     rounds: list[dict[Any, list[int]]] = []  # round -> shape -> statement indexes
     seen: dict[tuple[Any, ...], int] = defaultdict(int)
     for index, statement in enumerate(statements):
@@ -51,27 +48,6 @@ async def run_rows(
             ):
                 results[index] = result
     return [result for result in results if result is not None]
-
-
-async def _lock_in_key_order(session: AsyncSession, statements: Sequence[Statement]) -> None:
-    by_table: dict[sa.Table, list[tuple[Any, ...]]] = defaultdict(list)
-    for statement in statements:
-        by_table[_shape(statement)[0]].append(_row(statement)[1:])
-    for table in sorted(by_table, key=lambda table: table.fullname):
-        keys = sorted(set(by_table[table]))
-        keys += keys[-1:] * (_bucket(len(keys)) - len(keys))  # repeats change nothing
-        await session.execute(_locker(table), {"keys": keys})
-
-
-@functools.cache
-def _locker(table: sa.Table) -> sa.Select[Any]:
-    key = sa.tuple_(*table.primary_key.columns)
-    return (
-        sa.select(*table.primary_key.columns)
-        .where(key.in_(sa.bindparam("keys", expanding=True)))
-        .order_by(*table.primary_key.columns)
-        .with_for_update()
-    )
 
 
 async def _update(

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
 )
 
-from worker import bulk, fencing, ledger, oneshot
+from worker import fencing, groups, ledger, oneshot
 from worker.attempts import Attempt, label
 from worker.compiler import Plan, Statement
 from worker.engine import WRITES
@@ -68,9 +68,9 @@ class Executor:
         # SQLite has one writer at a time. Queued here, a transaction starts the moment the
         # previous one ends; queued in SQLite's busy handler, it would sleep 1, 2, 5, 10 ms...
         self._writer = contextlib.nullcontext() if self._postgres else asyncio.Lock()
-        self._worker = worker
+        self.worker = worker
         self._max_attempts = max_attempts
-        self._max_returning = max_returning
+        self.max_returning = max_returning
         self._backoff = backoff
         self._metrics = metrics or Metrics()
 
@@ -102,7 +102,7 @@ class Executor:
         started = time.perf_counter()
         number = 1
         while True:
-            attempt = Attempt(job=job, number=number, started=started, worker=self._worker)
+            attempt = Attempt(job=job, number=number, started=started, worker=self.worker)
             try:
                 return await unit(attempt)
             except Unavailable as error:
@@ -119,7 +119,7 @@ class Executor:
 
     async def replay(self, job: Job) -> Reply | None:
         """The stored reply of a job that already finished, or None if it never did."""
-        attempt = Attempt(job=job, number=1, started=time.perf_counter(), worker=self._worker)
+        attempt = Attempt(job=job, number=1, started=time.perf_counter(), worker=self.worker)
         return await self._stored(attempt)
 
     async def _apply(self, attempt: Attempt, plan: Plan, fences: Fences) -> Reply:
@@ -127,7 +127,7 @@ class Executor:
         if self._postgres and not job.dry_run and oneshot.eligible(plan) and len(fences) <= 1:
             return await self._apply_at_once(attempt, plan.statements[0], fences)
         try:
-            async with self._session() as session:
+            async with self.session() as session:
                 await fencing.check(session, fences)
                 results = [
                     await self._run(session, statement, label=label(job, index, statement))
@@ -166,7 +166,7 @@ class Executor:
     def _verdict(self, attempt: Attempt, statement: Statement, rowcount: int) -> Reply:
         job = attempt.job
         try:
-            result = statement.outcome(rowcount, None, max_returning=self._max_returning,
+            result = statement.outcome(rowcount, None, max_returning=self.max_returning,
                                        label=label(job, 0, statement))  # fmt: skip
         except ExpectationFailed as error:
             return attempt.failure(error)
@@ -177,7 +177,7 @@ class Executor:
         reply = attempt.failure(error)
         if job.dry_run or not error.recorded:
             return reply
-        async with self._session() as session:
+        async with self.session() as session:
             if await _record_reply(session, job, reply):
                 await session.commit()
                 return reply
@@ -192,11 +192,11 @@ class Executor:
         return reply
 
     async def _stored(self, attempt: Attempt) -> Reply | None:
-        async with self._session() as session:
+        async with self.session() as session:
             entry = await ledger.lookup(session, attempt.job.id)
-        return None if entry is None else self._replayed(attempt, entry)
+        return None if entry is None else self.replayed(attempt, entry)
 
-    def _replayed(self, attempt: Attempt, entry: ledger.Entry) -> Reply:
+    def replayed(self, attempt: Attempt, entry: ledger.Entry) -> Reply:
         """The recorded reply, marked as a replay; ``id_conflict`` if the payload differs."""
         job = attempt.job
         if entry.payload_hash != job.payload_hash:
@@ -205,83 +205,16 @@ class Executor:
             )
         stored = Reply.model_validate_json(entry.reply)
         return stored.model_copy(
-            update={"replayed": True, "attempts": attempt.number, "worker": self._worker}
+            update={"replayed": True, "attempts": attempt.number, "worker": self.worker}
         )
 
-    # -- group commit ---------------------------------------------------------------------------
+    # -- group commit (worker/groups.py) ---------------------------------------------------------
 
     async def execute_group(
         self, items: Sequence[tuple[Job, Plan]], *, fences: Fences = NO_FENCES
     ) -> list[Reply | None]:
-        """Apply many single-row jobs (see :func:`groupable`) in one transaction.
-
-        Row locks are taken in key order, so concurrent groups never wait on each other in a
-        cycle. Ids already in the ledger are replayed, and an id repeated within the group
-        replays its first copy. If anything goes wrong inside (a guard, a bad value, a
-        deadlock, an id another worker is recording right now), the whole group rolls back
-        and each job runs alone: one bad job never fails its neighbours. A job whose order
-        key's earlier job ended without a final reply is not run then (None): its lane waits.
-        """
-        started = time.perf_counter()
-        try:
-            return list(await self._commit_group(items, started, fences))
-        except Fenced:
-            raise
-        except WorkerError as error:
-            log.info("group of %d rolled back (%s); one job at a time", len(items), error.message)
-        replies: list[Reply | None] = []
-        held_up: set[str] = set()  # order keys whose earlier job did not finish
-        for job, plan in items:
-            if job.order_key in held_up:
-                replies.append(None)  # not run: its lane waits for the earlier job
-                continue
-            reply = await self.execute(job, plan, fences=fences)
-            if not reply.final:
-                held_up.add(job.order_key)
-            replies.append(reply)
-        return replies
-
-    async def _commit_group(
-        self, items: Sequence[tuple[Job, Plan]], started: float, fences: Fences
-    ) -> list[Reply]:
-        first: dict[str, int] = {}  # id -> index of its first copy in the group
-        for index, (job, _) in enumerate(items):
-            first.setdefault(job.id, index)
-        attempts = [
-            Attempt(job=job, number=1, started=started, worker=self._worker) for job, _ in items
-        ]
-        made: dict[str, Reply] = {}
-        recorded: dict[str, ledger.Entry] = {}
-        async with self._session() as session:
-            await fencing.check(session, fences)
-            finished = await ledger.lookup_many(session, list(first))
-            todo = [
-                index
-                for index in sorted(first.values(), key=lambda index: _row(items[index][1]))
-                if items[index][0].id not in finished
-            ]
-            results = await bulk.run_rows(
-                session,
-                [items[index][1].statements[0] for index in todo],
-                max_returning=self._max_returning,
-            )
-            for index, result in zip(todo, results, strict=True):
-                job = items[index][0]
-                made[job.id] = attempts[index].succeeded([result])
-                stored = made[job.id].model_dump_json(exclude_none=True)
-                recorded[job.id] = ledger.Entry(payload_hash=job.payload_hash, reply=stored)
-            rows = [(job_id, entry.payload_hash, entry.reply) for job_id, entry in recorded.items()]
-            if await ledger.record_many(session, rows) != len(rows):
-                raise Unavailable(
-                    "another delivery recorded one of these ids first", reason="ledger_race"
-                )
-            await session.commit()
-        return [
-            made[job.id]
-            if job.id in made and first[job.id] == index
-            else self._replayed(attempts[index], finished.get(job.id) or recorded[job.id])
-            for index, (job, _) in enumerate(items)
-        ]
+        """Apply many single-row jobs in one transaction: see :func:`groups.execute_group`."""
+        return await groups.execute_group(self, items, fences=fences)
 
     async def _run(
         self, session: AsyncSession, statement: Statement, *, label: str
@@ -289,14 +222,14 @@ class Executor:
         result = cast(
             CursorResult[Any], await session.execute(statement.update, statement.params or None)
         )
-        limit = self._max_returning
+        limit = self.max_returning
         if statement.returns_rows:
             rows = result.mappings().all()
             return statement.outcome(len(rows), rows, max_returning=limit, label=label)
         return statement.outcome(result.rowcount, None, max_returning=limit, label=label)
 
     @contextlib.asynccontextmanager
-    async def _session(self) -> AsyncIterator[AsyncSession]:
+    async def session(self) -> AsyncIterator[AsyncSession]:
         """A session whose driver errors come out classified; uncommitted work rolls back."""
         try:
             async with self._writer, self._sessions() as session:
@@ -310,14 +243,3 @@ class Executor:
 async def _record_reply(session: AsyncSession, job: Job, reply: Reply) -> bool:
     stored = reply.model_dump_json(exclude_none=True)
     return await ledger.record(session, job_id=job.id, payload_hash=job.payload_hash, reply=stored)
-
-
-def groupable(job: Job, plan: Plan) -> bool:
-    """Whether a job may share a transaction with others: one row, by key, for real."""
-    return not job.dry_run and len(plan.statements) == 1 and plan.statements[0].row is not None
-
-
-def _row(plan: Plan) -> tuple[Any, ...]:
-    row = plan.statements[0].row
-    assert row is not None, "only groupable plans are grouped"  # noqa: S101 - an invariant
-    return row

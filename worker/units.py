@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from worker.compiler import Plan, Policy, compile_job
 from worker.errors import WorkerError
-from worker.executor import groupable
+from worker.groups import groupable
 from worker.jobs import Job, Rejection, parse_entry
 from worker.schema import Schema
 from worker.streams import Entry
