@@ -164,11 +164,22 @@ async def start_worker(
     yield start
     for stop, _ in runs:
         stop.set()
-    for _, task in runs:
-        done, _ = await asyncio.wait({task}, timeout=15)
-        if not done:  # say where it hangs: every task's stack
-            for running in asyncio.all_tasks():
-                print(f"task {running.get_name()}:", file=sys.stderr)
-                running.print_stack(file=sys.stderr)
-            pytest.fail("a worker did not stop within 15 s of its stop event")
-    await stack.aclose()
+    tasks = {task for _, task in runs}
+    if tasks:
+        _, late = await asyncio.wait(tasks, timeout=20)
+        if late:
+            _dump_tasks()
+            pytest.fail("a worker did not stop within 20 s of its stop event")
+    closing = asyncio.ensure_future(stack.aclose())
+    done, _ = await asyncio.wait({closing}, timeout=30)
+    if not done:
+        _dump_tasks()
+        pytest.fail("closing the workers' connections took over 30 s")
+    closing.result()
+
+
+def _dump_tasks() -> None:
+    """Where a hang is: every task's stack, on stderr."""
+    for running in asyncio.all_tasks():
+        print(f"task {running.get_name()}:", file=sys.stderr)
+        running.print_stack(file=sys.stderr)

@@ -75,12 +75,18 @@ async def take(engine: AsyncEngine, partition: int, *, wait_s: float) -> int:
     async with writes.connect() as taker, taker.begin():
         pid = (await taker.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
         raising = asyncio.ensure_future(taker.execute(_raise(), {"p": partition}))
-        done, _ = await asyncio.wait({raising}, timeout=wait_s)
-        if not done:
-            ended = await _end_blockers(engine, pid)
-            log.warning("partition %d: ended %d session(s) that held its fence past %.1f s "
-                        "(a paused or cut-off old owner)", partition, ended, wait_s)  # fmt: skip
-        return int((await raising).scalar_one())
+        try:
+            done, _ = await asyncio.wait({raising}, timeout=wait_s)
+            if not done:
+                ended = await _end_blockers(engine, pid)
+                log.warning("partition %d: ended %d session(s) that held its fence past "
+                            "%.1f s (a paused or cut-off old owner)", partition, ended,
+                            wait_s)  # fmt: skip
+            return int((await raising).scalar_one())
+        finally:
+            if not raising.done():  # cancelled: never leave the statement running on its own
+                raising.cancel()
+                await asyncio.wait({raising})
 
 
 async def _end_blockers(engine: AsyncEngine, pid: int) -> int:

@@ -42,6 +42,8 @@ TAKEOVER_WAIT_S: Final = 1.0
 #: How long a handover waits for the partition's running units (then its lease goes anyway;
 #: the database fence keeps a unit still running from committing after the next owner's).
 _HANDOVER_WAIT_S: Final = 60.0
+#: On stop the units were drained already: handovers finish at once, or are cut short.
+_STOP_HANDOVER_S: Final = 5.0
 
 
 @dataclass
@@ -165,11 +167,17 @@ class Ownership:
         task.add_done_callback(self._handovers.discard)
 
     async def release_all(self) -> None:
-        """On stop, after the drain: every lease goes now, so others take over at once."""
+        """On stop, after the drain (nothing runs any more): every lease goes now, so others
+        take over at once."""
         for number in sorted(self.leases.held):
             await self.hand_over(number)
         if self._handovers:
-            await asyncio.wait(set(self._handovers), timeout=_HANDOVER_WAIT_S)
+            _, late = await asyncio.wait(set(self._handovers), timeout=_STOP_HANDOVER_S)
+            for task in late:
+                task.cancel()
+            for number in sorted(self.leases.held):  # their lease must not wait for expiry
+                with contextlib.suppress(Exception):
+                    await self.leases.release(number)
 
     def _forget_backlog(self, number: int) -> None:
         if any(entry.partition == number for entry in self.backlog):

@@ -36,6 +36,7 @@ from worker.units import Pace
 log = logging.getLogger(__name__)
 
 _PRUNE_EVERY_S = 3600.0
+_CLOSE_WAIT_S = 10.0
 
 
 @contextlib.asynccontextmanager
@@ -120,8 +121,13 @@ async def open_worker(settings: Settings) -> AsyncIterator[Worker]:
             endpoints.close()
         if served:
             await _leave(transport, settings.consumer, settings.partitions)
-        await transport.aclose()
-        await engine.dispose()
+        # Bounded: a stop must end even if a connection is wedged (it is dropped, not awaited).
+        for closing in (transport.aclose(), engine.dispose()):
+            try:
+                await asyncio.wait_for(closing, _CLOSE_WAIT_S)
+            except TimeoutError:
+                log.warning("closing a connection pool took over %.0f s; left behind",
+                            _CLOSE_WAIT_S)  # fmt: skip
 
 
 def _wire(  # noqa: PLR0917 - the pieces open_worker built, wired once
