@@ -78,6 +78,22 @@ async def drain(one: Mover) -> None:
         pass
 
 
+async def stalled_then_taken_over(
+    redis: Redis, prefix: str
+) -> tuple[Mover, list[tuple[str, Any]], Mover]:
+    """An old mover that read a batch and stalled past its lease, and the new mover that then
+    took the lease: ``(old, its unmoved batch, new)``."""
+    old = mover(redis, prefix, "old", lease_ms=200)
+    await old.ensure_group()
+    assert await old.acquire()
+    stale = await old.read()
+    assert stale
+    await asyncio.sleep(0.3)  # the lease's own TTL runs out in Redis: the stall
+    new = mover(redis, prefix, "new")
+    assert await new.acquire()
+    return old, stale, new
+
+
 async def test_one_mover_moves_everything_once_in_order(redis: Redis, prefix: str) -> None:
     ids = await produce(redis, prefix, 600)
     ingest = await snapshot(redis, prefix)
@@ -96,14 +112,7 @@ async def test_a_stalled_mover_that_comes_back_after_a_takeover_is_fenced(
     the pending list) and the rest; A wakes up and moves its batch: refused or skipped."""
     ids = await produce(redis, prefix, 400)
     ingest = await snapshot(redis, prefix)
-    old = mover(redis, prefix, "old", lease_ms=200)
-    await old.ensure_group()
-    assert await old.acquire()
-    stale = await old.read()
-    assert stale
-    await asyncio.sleep(0.3)  # the lease's own TTL runs out in Redis: the stall
-    new = mover(redis, prefix, "new")
-    assert await new.acquire()
+    old, stale, new = await stalled_then_taken_over(redis, prefix)
     assert new.generation == old.generation + 1
     await drain(new)
     late = await old.move(stale)
@@ -120,14 +129,7 @@ async def test_a_stalled_mover_moving_before_the_new_one_writes_is_absorbed(
     skip them. Either way, once."""
     ids = await produce(redis, prefix, 400)
     ingest = await snapshot(redis, prefix)
-    old = mover(redis, prefix, "old", lease_ms=200)
-    await old.ensure_group()
-    assert await old.acquire()
-    stale = await old.read()
-    assert stale
-    await asyncio.sleep(0.3)
-    new = mover(redis, prefix, "new")
-    assert await new.acquire()
+    old, stale, new = await stalled_then_taken_over(redis, prefix)
     late = await old.move(stale)
     assert late.moved == len(stale)  # nothing newer was there: its moves were still in order
     await drain(new)
@@ -154,14 +156,7 @@ async def test_a_batch_both_movers_hold_is_moved_once(redis: Redis, prefix: str)
     the same entries are then skipped by the marks."""
     ids = await produce(redis, prefix, 300)
     ingest = await snapshot(redis, prefix)
-    old = mover(redis, prefix, "old", lease_ms=200)
-    await old.ensure_group()
-    assert await old.acquire()
-    stale = await old.read()
-    assert stale
-    await asyncio.sleep(0.3)
-    new = mover(redis, prefix, "new")
-    assert await new.acquire()
+    old, stale, new = await stalled_then_taken_over(redis, prefix)
     claimed = await new.read()
     assert [entry_id for entry_id, _ in claimed or []] == [entry_id for entry_id, _ in stale]
     assert (await old.move(stale)).moved == len(stale)

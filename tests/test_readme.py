@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+from collections.abc import AsyncIterator
 
 import pytest
 import sqlalchemy as sa
@@ -58,37 +59,37 @@ async def test_rowcount_with_returning_counts_every_matched_row(
 async def test_a_table_in_another_schema_works_with_models_not_with_reflection(
     engine: AsyncEngine, start_worker: WorkerFactory, prefix: str
 ) -> None:
-    async with engine.begin() as connection:
-        await connection.execute(sa.text("DROP SCHEMA IF EXISTS other CASCADE"))
-        await connection.execute(sa.text("CREATE SCHEMA other"))
-        await connection.run_sync(OtherSchemaBase.metadata.create_all)
-        await connection.execute(sa.text("INSERT INTO other.things VALUES (1, 'old')"))
-    try:
+    async with other_schema(engine):
         await start_worker(consumer="models", models="tests.model_other_schema:Base")
         async with UpdateClient(REDIS_URL, prefix=prefix) as client:
             reply = await client.update("other.things", key={"id": 1}, set={"label": "new"})
         assert (reply.status, reply.rowcount) == ("ok", 1)
         async with engine.connect() as connection:
             assert await connection.scalar(sa.text("SELECT label FROM other.things")) == "new"
-    finally:
-        async with engine.begin() as connection:
-            await connection.execute(sa.text("DROP SCHEMA other CASCADE"))
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 async def test_reflection_reads_the_default_schema_only(
     engine: AsyncEngine, start_worker: WorkerFactory, prefix: str
 ) -> None:
-    async with engine.begin() as connection:
-        await connection.execute(sa.text("DROP SCHEMA IF EXISTS other CASCADE"))
-        await connection.execute(sa.text("CREATE SCHEMA other"))
-        await connection.run_sync(OtherSchemaBase.metadata.create_all)
-    try:
+    async with other_schema(engine):
         await start_worker(consumer="reflected")
         async with UpdateClient(REDIS_URL, prefix=prefix) as client:
             reply = await client.update("other.things", key={"id": 1}, set={"label": "new"})
         assert reply.error is not None
         assert reply.error.code == "unknown_table"
+
+
+@contextlib.asynccontextmanager
+async def other_schema(engine: AsyncEngine) -> AsyncIterator[None]:
+    """The schema ``other`` with the models' table and its one row, dropped afterwards."""
+    async with engine.begin() as connection:
+        await connection.execute(sa.text("DROP SCHEMA IF EXISTS other CASCADE"))
+        await connection.execute(sa.text("CREATE SCHEMA other"))
+        await connection.run_sync(OtherSchemaBase.metadata.create_all)
+        await connection.execute(sa.text("INSERT INTO other.things VALUES (1, 'old')"))
+    try:
+        yield
     finally:
         async with engine.begin() as connection:
             await connection.execute(sa.text("DROP SCHEMA other CASCADE"))
