@@ -27,10 +27,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.tables import seed_all
-from worker.engine import create_engine
-from worker.service import Worker
+from worker.db.engine import create_engine
+from worker.service.loop import Worker
+from worker.service.startup import open_worker
 from worker.settings import Settings, load_settings
-from worker.startup import open_worker
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get(

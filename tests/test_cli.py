@@ -23,8 +23,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import REDIS_URL, eventually
 from tests.test_service import wait_for_message
-from worker import deployment
-from worker.streams import Names
+from worker.stream import deployment
+from worker.stream.names import Names
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "worker"]

@@ -11,12 +11,12 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from tests.tables import items
-from worker.compiler import compile_job
+from worker.db.ledger import ledger
+from worker.db.schema import Schema, build_schema
 from worker.demo import books, users
 from worker.errors import WorkerError
-from worker.jobs import Job, parse_entry
-from worker.ledger import ledger
-from worker.schema import Schema, build_schema
+from worker.job.compiler import compile_job
+from worker.job.models import Job, parse_entry
 
 DIALECTS: list[sa.Dialect] = [postgresql.dialect(), sqlite.dialect()]  # type: ignore[no-untyped-call]
 

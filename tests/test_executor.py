@@ -17,13 +17,13 @@ from tests.conftest import REDIS_URL, WorkerFactory
 from tests.tables import items
 from tests.test_service import wait_for_message
 from worker.client import UpdateClient
-from worker.compiler import compile_job
+from worker.db.executor import Executor
+from worker.db.ledger import ensure_ledger, ledger
+from worker.db.schema import Schema, reflect_schema
 from worker.demo import books, users
 from worker.errors import WorkerError
-from worker.executor import Executor
-from worker.jobs import Job, Reply, parse_entry
-from worker.ledger import ensure_ledger, ledger
-from worker.schema import Schema, reflect_schema
+from worker.job.compiler import compile_job
+from worker.job.models import Job, Reply, parse_entry
 
 
 class Runner:

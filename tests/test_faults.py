@@ -26,9 +26,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import eventually
 from tests.faults import PrivateRedis, WorkerProcesses
-from worker import admin
-from worker.jobs import Reply
-from worker.streams import Names
+from worker.job.models import Reply
+from worker.ops import admin
+from worker.stream.names import Names
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from tests.tables import items
-from worker import fencing
-from worker.engine import WRITES
+from worker.db import fencing
+from worker.db.engine import WRITES
 from worker.errors import Fenced
 
 

@@ -13,12 +13,12 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.tables import items
-from worker.compiler import Plan, compile_job
-from worker.executor import Executor
-from worker.groups import groupable
-from worker.jobs import Job, Reply, parse_entry
-from worker.ledger import ensure_ledger, ledger
-from worker.schema import Schema, reflect_schema
+from worker.db.executor import Executor
+from worker.db.groups import groupable
+from worker.db.ledger import ensure_ledger, ledger
+from worker.db.schema import Schema, reflect_schema
+from worker.job.compiler import Plan, compile_job
+from worker.job.models import Job, Reply, parse_entry
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ from typing import Any
 import jsonschema
 import pytest
 
-from worker.filters import MAX_DEPTH, AllOf, AnyOf, Compare, Negate
-from worker.jobs import Job, Rejection, job_json_schema, parse_entry, payload_hash
+from worker.job.filters import MAX_DEPTH, AllOf, AnyOf, Compare, Negate
+from worker.job.models import Job, Rejection, job_json_schema, parse_entry, payload_hash
 
 LIMIT = 65_536
 

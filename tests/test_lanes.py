@@ -19,7 +19,7 @@ from tests.faults import WorkerProcesses
 from tests.test_faults import ReplyCounter
 from tests.test_recovery import dead_letters, qty, row_locked
 from worker.client import UpdateClient
-from worker.streams import Names, text
+from worker.stream.names import Names, text
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)  # SQLite: one lock for all

@@ -10,9 +10,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from worker.mover import Mover
-from worker.partitions import partition_of
-from worker.streams import Names, text
+from worker.job.order import partition_of
+from worker.stream.mover import Mover
+from worker.stream.names import Names, text
 
 PARTITIONS = 4
 GROUP = "update-workers"

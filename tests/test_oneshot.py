@@ -19,12 +19,12 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from tests.tables import items
-from worker.compiler import compile_job
-from worker.executor import Executor
-from worker.jobs import Job, Reply, parse_entry
-from worker.ledger import ensure_ledger, ledger
-from worker.oneshot import AUTOCOMMIT, duplicate, eligible, run
-from worker.schema import Schema, reflect_schema
+from worker.db.executor import Executor
+from worker.db.ledger import ensure_ledger, ledger
+from worker.db.oneshot import AUTOCOMMIT, duplicate, eligible, run
+from worker.db.schema import Schema, reflect_schema
+from worker.job.compiler import compile_job
+from worker.job.models import Job, Reply, parse_entry
 
 
 @pytest.fixture

@@ -17,11 +17,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tests.conftest import REDIS_URL, WorkerFactory, eventually
 from tests.tables import items
 from tests.test_cli import CLI, ROOT, clean_env, free_port
-from worker import deployment
 from worker.client import UpdateClient
-from worker.ledger import ensure_ledger, ledger, prune
-from worker.metrics import Metrics, Probes, serve_http
-from worker.streams import Names
+from worker.db.ledger import ensure_ledger, ledger, prune
+from worker.ops.metrics import Metrics, Probes, serve_http
+from worker.stream import deployment
+from worker.stream.names import Names
 
 
 async def http_get(port: int, path: str) -> tuple[int, str]:

@@ -7,8 +7,8 @@ from collections import Counter
 
 from redis.asyncio import Redis
 
-from worker.owners import Leases, assignment, plan
-from worker.streams import Names
+from worker.stream.names import Names
+from worker.stream.owners import Leases, assignment, plan
 
 
 def test_the_assignment_shares_16_partitions_evenly() -> None:

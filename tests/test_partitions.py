@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from worker.jobs import Job, Rejection, parse_entry
-from worker.partitions import derive_order_key, partition_of, partition_of_raw
+from worker.job.models import Job, Rejection, parse_entry
+from worker.job.order import derive_order_key, partition_of, partition_of_raw
 
 
 def parsed(document: dict[str, Any]) -> Job | Rejection:

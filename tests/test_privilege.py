@@ -15,8 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tests.conftest import REDIS_URL, WorkerFactory
 from tests.test_cli import ROOT
 from worker.client import UpdateClient
-from worker.fencing import ensure_partitions
-from worker.ledger import ensure_ledger
+from worker.db.fencing import ensure_partitions
+from worker.db.ledger import ensure_ledger
 
 pytestmark = pytest.mark.parametrize("backend", ["postgresql"], indirect=True)  # roles are PG's
 

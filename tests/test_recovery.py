@@ -18,14 +18,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tests.conftest import WorkerFactory, eventually
 from tests.tables import items
 from tests.test_service import text
-from worker.engine import Timeouts, create_engine
+from worker.db.engine import Timeouts, create_engine
 from worker.errors import Unavailable
-from worker.jobs import Reply
-from worker.partitions import derive_order_key, partition_of
-from worker.reading import Reader
+from worker.job.models import Reply
+from worker.job.order import derive_order_key, partition_of
+from worker.service.startup import open_worker
 from worker.settings import Settings
-from worker.startup import open_worker
-from worker.streams import Names
+from worker.stream.names import Names
+from worker.stream.reading import Reader
 
 GROUP = "update-workers"
 

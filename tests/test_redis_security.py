@@ -23,15 +23,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import eventually
 from tests.test_cli import CLI, ROOT, clean_env, free_port
-from worker import deployment
-from worker.admin import backlog
-from worker.jobs import Reply
-from worker.mover import Mover
-from worker.owners import Leases
-from worker.reading import Reader
-from worker.redis_client import RedisTLS, connect
-from worker.streams import Names
-from worker.transport import Transport
+from worker.job.models import Reply
+from worker.ops.admin import backlog
+from worker.stream import deployment
+from worker.stream.client import RedisTLS, connect
+from worker.stream.mover import Mover
+from worker.stream.names import Names
+from worker.stream.owners import Leases
+from worker.stream.reading import Reader
+from worker.stream.transport import Transport
 
 PASSWORD = "w0rker-Secret"  # noqa: S105 - a throwaway server's
 

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from sqlalchemy.dialects import postgresql, sqlite
 
 from tests.test_compiler import job, schema
-from worker.compiler import Policy, compile_job
 from worker.errors import WorkerError
-from worker.jobs import MAX_COLUMNS_PER_UPDATE, Job, parse_entry
+from worker.job.compiler import Policy, compile_job
+from worker.job.models import MAX_COLUMNS_PER_UPDATE, Job, parse_entry
 
 #: How many jobs the property test generates; `make test` runs the default.
 EXAMPLES = int(os.environ.get("HOSTILE_JOBS", "10000"))

@@ -15,11 +15,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tests.conftest import REDIS_URL, WorkerFactory
 from tests.model_app import FIXED_NOW, Base
 from worker.client import UpdateClient
-from worker.jobs import Reply
-from worker.reading import Reader
-from worker.redis_client import connect
-from worker.streams import Names
-from worker.transport import Transport
+from worker.job.models import Reply
+from worker.stream.client import connect
+from worker.stream.names import Names
+from worker.stream.reading import Reader
+from worker.stream.transport import Transport
 
 
 def text(value: bytes | str) -> str:

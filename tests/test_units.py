@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from tests.test_compiler import schema
-from worker import units as units_module
-from worker.streams import Entry
-from worker.units import Pace, prepare, units
+from worker.service import units as units_module
+from worker.service.units import Pace, prepare, units
+from worker.stream.names import Entry
 
 
 def entry(document: Any, *, deliveries: int = 1, entry_id: str = "1-0") -> Entry:

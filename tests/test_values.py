@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from worker.errors import InvalidValue
-from worker.values import coerce, to_json
+from worker.job.values import coerce, to_json
 
 table = sa.Table(
     "t",

@@ -16,13 +16,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tests.conftest import REDIS_URL, WorkerFactory
 from tests.tables import items
 from tests.test_operate import cli
-from worker import deployment
 from worker.client import UpdateClient
-from worker.jobs import Job, Reply
-from worker.ledger import ledger
+from worker.db.ledger import ledger
+from worker.job.models import Job, Reply
+from worker.service.startup import open_worker
 from worker.settings import Settings
-from worker.startup import open_worker
-from worker.streams import Entry, Names
+from worker.stream import deployment
+from worker.stream.names import Entry, Names
 
 
 async def recorded(engine: AsyncEngine, job_id: str) -> bool:
@@ -116,7 +116,7 @@ async def test_workers_with_different_tables_on_one_prefix_are_reported(
            "WORKER_PREFIX": prefix}  # fmt: skip
     await start_worker(consumer="all-tables")
     assert (await cli("check", **env)).returncode == 0
-    with caplog.at_level(logging.WARNING, logger="worker.startup"):
+    with caplog.at_level(logging.WARNING, logger="worker.service.startup"):
         await start_worker(consumer="books-only", tables="books")
     warned = [
         record.getMessage() for record in caplog.records if "deployment:" in record.getMessage()

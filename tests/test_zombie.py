@@ -18,9 +18,9 @@ from tests.conftest import REDIS_URL, eventually
 from tests.faults import WorkerProcesses
 from tests.test_recovery import qty, row_locked
 from worker.client import UpdateClient
-from worker.deployment import LIVE_S
-from worker.jobs import Reply
-from worker.ownership import TAKEOVER_WAIT_S
+from worker.job.models import Reply
+from worker.service.ownership import TAKEOVER_WAIT_S
+from worker.stream.deployment import LIVE_S
 
 
 async def waiting_on_lock(engine: AsyncEngine) -> bool:

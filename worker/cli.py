@@ -17,11 +17,11 @@ from typing import Any
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker import commands, logs, shorthand
 from worker.client import UpdateClient
 from worker.errors import InvalidJob, SettingsError, classify
-from worker.jobs import job_json_schema
-from worker.logs import mask_secrets
+from worker.job.models import job_json_schema
+from worker.ops import commands, logs, shorthand
+from worker.ops.logs import mask_secrets
 from worker.settings import Settings, field_infos, flag_name, load_settings, mask_url
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
@@ -57,7 +57,7 @@ def unreachable(error: BaseException) -> str:
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.startup import serve  # noqa: PLC0415 - keeps `schema` and `--help` fast
+    from worker.service.startup import serve  # noqa: PLC0415 - keeps `schema` and `--help` fast
 
     try:
         asyncio.run(serve(settings, burst=args.burst))

@@ -24,12 +24,12 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from worker import deployment
 from worker.errors import REDIS_BACKOFF, InvalidJob, retry_transient
-from worker.jobs import Reply, validate
-from worker.partitions import derive_order_key, partition_of
-from worker.redis_client import connect
-from worker.streams import Names
+from worker.job.models import Reply, validate
+from worker.job.order import derive_order_key, partition_of
+from worker.stream import deployment
+from worker.stream.client import connect
+from worker.stream.names import Names
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from worker.client import UpdateClient
+from worker.job.values import to_json
+from worker.service.startup import open_worker
 from worker.settings import Settings, mask_url
-from worker.startup import open_worker
-from worker.values import to_json
 
 seed_metadata = sa.MetaData()
 users = sa.Table(

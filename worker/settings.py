@@ -27,7 +27,7 @@ from pydantic_settings.sources.utils import parse_env_vars
 from redis.asyncio import Redis
 
 from worker.errors import SettingsError
-from worker.redis_client import RedisTLS, connect
+from worker.stream.client import RedisTLS, connect
 
 ENV_PREFIX: Final = "WORKER_"
 CommaList = Annotated[tuple[str, ...], NoDecode]

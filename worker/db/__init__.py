@@ -1,0 +1,1 @@
+"""The database: engine, executor, group and one-statement paths, ledger, fencing, schema."""

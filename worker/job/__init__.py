@@ -1,0 +1,1 @@
+"""The job language, pure: models and parsing, filters, values, the compiler."""

@@ -1,0 +1,312 @@
+"""Job + schema -> SQLAlchemy UPDATE statements. Pure: no I/O, and no SQL strings.
+
+Every identifier is resolved through :class:`worker.db.schema.TableRules` (exact membership in the
+reflected or declared schema) and every value is a bound parameter, already coerced to the
+column's type.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import TypeDecorator
+
+from worker.db.schema import Schema, TableRules
+from worker.errors import ExpectationFailed, InvalidJob, MissingFilter, WorkerError
+from worker.job.filters import AllOf, Compare, Filter, Negate
+from worker.job.models import Expect, Job, UpdateResult, UpdateSpec
+from worker.job.values import bind_type, coerce, to_json
+
+
+@dataclass(frozen=True, slots=True)
+class Guards:
+    """The ``expect`` row-count guards, checked inside the transaction."""
+
+    rows: int | None = None
+    min_rows: int | None = None
+    max_rows: int | None = None
+    #: ``max_rows`` is WORKER_MAX_ROWS_DEFAULT's, not the job's: a refusal by it is this
+    #: worker's setting speaking, so it is replied but not recorded.
+    max_rows_by_policy: bool = False
+
+    def violation(self, rowcount: int) -> str | None:
+        if self.rows is not None and rowcount != self.rows:
+            return f"expected exactly {self.rows} row(s), matched {rowcount}"
+        if self.min_rows is not None and rowcount < self.min_rows:
+            return f"expected at least {self.min_rows} row(s), matched {rowcount}"
+        if self.max_rows is not None and rowcount > self.max_rows:
+            cap = " (WORKER_MAX_ROWS_DEFAULT)" if self.max_rows_by_policy else ""
+            return f"expected at most {self.max_rows} row(s){cap}, matched {rowcount}"
+        return None
+
+    def refusal(self, rowcount: int, *, label: str) -> ExpectationFailed | None:
+        """The error for ``rowcount``, or None when the guards accept it."""
+        violation = self.violation(rowcount)
+        if violation is None:
+            return None
+        by_policy = self.max_rows_by_policy and violation.startswith("expected at most")
+        return ExpectationFailed(f"{label}: {violation}; rolled back", recorded=not by_policy)
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    table: str
+    update: sa.Update
+    returns_rows: bool
+    guards: Guards
+    #: ``(table, *primary key values)`` when the statement touches one row by its key: the
+    #: order in which group commits take row locks, so concurrent groups never deadlock.
+    row: tuple[Any, ...] | None = None
+    #: Values for the statement's bound parameters (a cached, shared statement needs them).
+    params: Mapping[str, Any] = field(default_factory=dict)
+    #: For a one-row-by-key statement: ``(table, sets, incs, keys, returning)`` column names,
+    #: so that jobs of one shape can also run as one UPDATE ... FROM (VALUES ...).
+    shape: tuple[Any, ...] | None = None
+
+    def outcome(
+        self,
+        rowcount: int,
+        rows: Sequence[Mapping[Any, Any]] | None,
+        *,
+        max_returning: int,
+        label: str,
+    ) -> UpdateResult:
+        """The statement's result from what the database said (``rows`` when it returns
+        rows), or :class:`ExpectationFailed` when its guards refuse the row count."""
+        if refusal := self.guards.refusal(rowcount, label=label):
+            raise refusal
+        returning = None
+        if rows is not None:
+            returning = [{name: to_json(value) for name, value in row.items()}
+                         for row in rows[:max_returning]]  # fmt: skip
+        return UpdateResult(rowcount=rowcount, returning=returning)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Deployment-wide rules on top of each job's own (DESIGN.md §6)."""
+
+    #: ``WORKER_MAX_ROWS_DEFAULT``: the ``expect.max_rows`` of a job that sets no cap itself.
+    max_rows_default: int | None = None
+    #: ``WORKER_ALLOW_ALL``: whether ``"all": true`` (no filter at all) is accepted.
+    allow_all: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    statements: tuple[Statement, ...]
+
+
+def compile_job(job: Job, schema: Schema, policy: Policy = Policy()) -> Plan:
+    """Compile every update of ``job``; a batch's errors name the failing update."""
+    statements = []
+    for index, spec in enumerate(job.updates):
+        try:
+            statements.append(compile_update(spec, schema, policy))
+        except WorkerError as error:
+            if job.batch:
+                error.message = f"updates[{index}]: {error.message}"
+                error.args = (error.message,)
+            raise
+    return Plan(tuple(statements))
+
+
+def compile_update(spec: UpdateSpec, schema: Schema, policy: Policy = Policy()) -> Statement:
+    rules = schema.rules(spec.table)
+    if spec.all_rows and not policy.allow_all:
+        raise MissingFilter(
+            f"`all: true` is refused here (WORKER_ALLOW_ALL=false): give `{spec.table}` a "
+            "`where` or a `key`"
+        )
+    sets = {name: coerce(rules.writable_column(name), value) for name, value in spec.values.items()}
+    incs = {}
+    for name, amount in spec.inc.items():
+        column = rules.writable_column(name)
+        if not _is_numeric(column):
+            raise InvalidJob(
+                f"`inc` needs a numeric column; `{spec.table}.{name}` is {column.type}"
+            )
+        incs[name] = coerce(column, amount)
+    returning = tuple(spec.returning or ())
+    for name in returning:
+        rules.column(name)
+
+    guards = _guards(spec, policy)
+    if spec.key is not None:
+        key = _key_values(spec.key, rules)
+        keys = rules.primary_key
+        shape = (tuple(sorted(sets)), tuple(sorted(incs)), keys, returning)
+        params = {
+            **{f"s{index}": sets[name] for index, name in enumerate(shape[0])},
+            **{f"i{index}": incs[name] for index, name in enumerate(shape[1])},
+            **{f"k{index}": key[name] for index, name in enumerate(keys)},
+        }
+        return Statement(
+            table=spec.table,
+            update=_by_key(rules.table, *shape),
+            returns_rows=bool(returning),
+            # `key` implies max_rows 1; an explicit 0 still holds.
+            guards=Guards(
+                guards.rows,
+                guards.min_rows,
+                min(guards.max_rows, 1) if guards.max_rows is not None else 1,
+                max_rows_by_policy=guards.max_rows_by_policy and guards.max_rows == 0,
+            ),
+            row=(spec.table, *(key[name] for name in keys)),
+            params=params,
+            shape=(rules.table, *shape),
+        )
+
+    if spec.where is not None:
+        condition: ColumnElement[bool] | None = _condition(spec.where, rules)
+    elif spec.all_rows:
+        condition = None
+    else:
+        raise MissingFilter(
+            f"an update of `{spec.table}` needs `where` or `key`; "
+            'send "all": true to update every row on purpose'
+        )
+    values: dict[sa.Column[Any], Any] = {
+        (column := rules.column(name)): sa.bindparam(None, value, type_=bind_type(column))
+        for name, value in sets.items()
+    }
+    for name, amount in incs.items():
+        column = rules.column(name)
+        values[column] = column + amount
+    update = sa.update(rules.table).values(values)
+    if condition is not None:
+        update = update.where(condition)
+    if returning:
+        update = update.returning(*(rules.column(name) for name in returning))
+    return Statement(table=spec.table, update=update, returns_rows=bool(returning), guards=guards)
+
+
+@functools.lru_cache(maxsize=4096)
+def _by_key(
+    table: sa.Table,
+    sets: tuple[str, ...],
+    incs: tuple[str, ...],
+    keys: tuple[str, ...],
+    returning: tuple[str, ...],
+) -> sa.Update:
+    """The UPDATE of one row by key for one shape of job, built once: its values are bound
+    parameters (``s0``, ``i0``, ``k0``, ...), so every job of that shape reuses the statement
+    and SQLAlchemy's compiled form of it."""
+    update = key_update(
+        table, sets, incs, keys, lambda name, column: sa.bindparam(name, type_=bind_type(column))
+    )
+    if returning:
+        by_name = {column.name: column for column in table.columns}
+        update = update.returning(*(by_name[name] for name in returning))
+    return update
+
+
+def key_update(
+    table: sa.Table,
+    sets: tuple[str, ...],
+    incs: tuple[str, ...],
+    keys: tuple[str, ...],
+    value: Callable[[str, sa.Column[Any]], ColumnElement[Any]],
+) -> sa.Update:
+    """``UPDATE table SET sets, incs WHERE keys`` for one shape of job, each value taken from
+    ``value(name, column)`` with names ``s0``, ``i0``, ``k0``, ...: a bound parameter for one
+    row, or the column of a VALUES list for many (worker/bulk.py)."""
+    columns = {column.name: column for column in table.columns}
+    assignments: dict[sa.Column[Any], Any] = {
+        columns[name]: value(f"s{index}", columns[name]) for index, name in enumerate(sets)
+    }
+    for index, name in enumerate(incs):
+        assignments[columns[name]] = columns[name] + value(f"i{index}", columns[name])
+    condition = sa.and_(
+        *(columns[name] == value(f"k{index}", columns[name]) for index, name in enumerate(keys))
+    )
+    return sa.update(table).values(assignments).where(condition)
+
+
+def _guards(spec: UpdateSpec, policy: Policy) -> Guards:
+    expect = spec.expect or Expect()
+    max_rows = expect.max_rows
+    by_policy = max_rows is None and expect.rows is None and policy.max_rows_default is not None
+    if by_policy:  # a job with no cap of its own
+        max_rows = policy.max_rows_default
+    return Guards(rows=expect.rows, min_rows=expect.min_rows, max_rows=max_rows,
+                  max_rows_by_policy=by_policy)  # fmt: skip
+
+
+def _key_values(key: dict[str, Any], rules: TableRules) -> dict[str, Any]:
+    """The key's values, coerced to the columns' types."""
+    if set(key) != set(rules.primary_key):
+        expected = ", ".join(rules.primary_key) or "(none: the table has no primary key)"
+        raise InvalidJob(
+            f"`key` must name the whole primary key of `{rules.table.name}`: {expected}"
+        )
+    values = {}
+    for name, value in key.items():
+        if value is None:
+            raise InvalidJob(f"`key` value for `{name}` cannot be null")
+        values[name] = coerce(rules.column(name), value)
+    return values
+
+
+def _condition(node: Filter, rules: TableRules) -> ColumnElement[bool]:
+    if isinstance(node, Compare):
+        return _compare(rules.column(node.column), node)
+    if isinstance(node, Negate):
+        return sa.not_(_condition(node.part, rules))
+    parts = [_condition(part, rules) for part in node.parts]
+    return sa.and_(*parts) if isinstance(node, AllOf) else sa.or_(*parts)
+
+
+def _compare(column: sa.Column[Any], node: Compare) -> ColumnElement[bool]:
+    op, value = node.op, node.value
+    if op == "is_null":
+        return column.is_(None) if value else column.is_not(None)
+    if op in ("eq", "neq") and value is None:
+        return column.is_(None) if op == "eq" else column.is_not(None)
+    if op in ("in", "nin"):
+        items = [coerce(column, item) for item in value]
+        return column.in_(items) if op == "in" else column.not_in(items)
+    if op == "between":
+        low, high = value
+        return column.between(coerce(column, low), coerce(column, high))
+    if op in ("like", "nlike", "ilike", "nilike"):
+        if not _is_text(column):
+            raise InvalidJob(
+                f"`{op}` needs a text column; `{column.table.name}.{column.name}` is {column.type}"
+            )
+        return {
+            "like": column.like,
+            "nlike": column.not_like,
+            "ilike": column.ilike,
+            "nilike": column.not_ilike,
+        }[op](value)
+    # An explicit bound parameter: `column == False` alone would render the constant `false`.
+    bound = sa.bindparam(None, coerce(column, value), type_=column.type)
+    comparisons = {
+        "eq": column.__eq__,
+        "neq": column.__ne__,
+        "gt": column.__gt__,
+        "gte": column.__ge__,
+        "lt": column.__lt__,
+        "lte": column.__le__,
+    }
+    return comparisons[op](bound)
+
+
+def _base_type(column: sa.Column[Any]) -> sa.types.TypeEngine[Any]:
+    column_type = column.type
+    return column_type.impl_instance if isinstance(column_type, TypeDecorator) else column_type
+
+
+def _is_numeric(column: sa.Column[Any]) -> bool:
+    # Float is no Numeric subclass in SQLAlchemy 2.1 (they share NumericCommon): name all three.
+    return isinstance(_base_type(column), sa.Integer | sa.Numeric | sa.Float)
+
+
+def _is_text(column: sa.Column[Any]) -> bool:
+    return isinstance(_base_type(column), sa.String)

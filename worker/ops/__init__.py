@@ -1,0 +1,1 @@
+"""The operator's surface: commands, metrics and health, logs, stats."""

@@ -1,0 +1,1 @@
+"""The loop: entries -> units and lanes -> executor -> replies; start-up, shutdown."""

@@ -1,0 +1,1 @@
+"""Redis: client, names, transport, partitions and owners, the ingest mover."""

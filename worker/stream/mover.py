@@ -1,0 +1,291 @@
+"""The ingest mover (DESIGN.md §11): entries XADDed to ``<prefix>:jobs`` go to their partition
+streams, in the order they were added, each exactly once, and never out of order, even when a
+mover stalls and comes back after another took over.
+
+One worker at a time moves: the holder of the mover lease ``{<prefix>:jobs}:mover`` (in the
+ingest stream's slot), whose value carries a generation that grows at every takeover. Three
+scripts make it safe, each confined to one slot, so the same code serves a Redis Cluster:
+
+- **Fenced reads** (ingest slot): the lease is checked in the same script that reads with
+  XREADGROUP (or, at a takeover, XAUTOCLAIMs the previous movers' pending entries). Once a
+  new mover holds the lease, an old one can read nothing more: the new mover's first look at
+  the pending list sees every entry any mover was ever handed.
+- **Fenced, idempotent moves** (partition slot): ``<prefix>:{p<n>}:moved`` keeps the newest
+  mover generation that wrote into partition n and the last ingest id moved there. A move by
+  an older generation is refused (that mover stops); an entry whose ingest id is not past the
+  mark is already there (skipped). Every mover moves its entries in ingest order, so a mark
+  past an id means that id was moved.
+- **Ack** (ingest slot): XACK and XDEL once the moves are done. A crash in between repeats
+  moves, which the marks skip.
+
+A moved entry keeps its fields and gains ``src``, its ingest entry id: a job without an ``id``
+is known by that id, the one its producer's XADD returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from worker.errors import classify
+from worker.job.order import partition_of_raw
+from worker.stream.names import Names, text
+
+log = logging.getLogger(__name__)
+
+#: The ingest entry's id in a moved entry.
+SOURCE: Final = b"src"
+
+_ACQUIRE: Final = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local generation = redis.call('INCR', KEYS[2])
+local token = ARGV[1] .. '/' .. generation
+redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
+return {generation, token}
+"""
+_RENEW: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# KEYS: ingest stream, lease. ARGV: token, group, consumer, count, mode ('new' or a claim
+# cursor). Nothing is handed out unless the caller still holds the lease.
+_READ: Final = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return false end
+if ARGV[5] == 'new' then
+  local read = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4],
+                          'STREAMS', KEYS[1], '>')
+  if read then return {'new', read} end
+  for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    local fields = {}
+    for i = 1, #group, 2 do fields[group[i]] = group[i + 1] end
+    if fields['name'] == ARGV[2] then return {'idle', fields['last-delivered-id']} end
+  end
+  return {'idle', '0-0'}
+end
+return {'claimed', redis.call('XAUTOCLAIM', KEYS[1], ARGV[2], ARGV[3], 0, ARGV[5],
+                              'COUNT', ARGV[4])}
+"""
+# KEYS: partition stream, its mark. ARGV: generation, then per entry: ingest id, field count,
+# fields. Returns how many were added, or -1 when a newer mover has written here.
+_MOVE: Final = """
+local function after(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  ams, aseq, bms, bseq = tonumber(ams), tonumber(aseq), tonumber(bms), tonumber(bseq)
+  return ams > bms or (ams == bms and aseq > bseq)
+end
+local generation = tonumber(ARGV[1])
+local known = tonumber(redis.call('HGET', KEYS[2], 'generation') or '0')
+if generation < known then return -1 end
+local mark = redis.call('HGET', KEYS[2], 'mark') or '0-0'
+local added = 0
+local i = 2
+while i <= #ARGV do
+  local id, count = ARGV[i], tonumber(ARGV[i + 1])
+  if after(id, mark) then
+    local entry = {'src', id}
+    for j = 1, 2 * count do entry[#entry + 1] = ARGV[i + 1 + j] end
+    redis.call('XADD', KEYS[1], '*', unpack(entry))
+    mark = id
+    added = added + 1
+  end
+  i = i + 2 + 2 * count
+end
+redis.call('HSET', KEYS[2], 'generation', generation, 'mark', mark)
+return added
+"""
+
+
+@dataclass
+class Moved:
+    """What one round of moving did."""
+
+    moved: int = 0
+    skipped: int = 0
+    #: False once this mover found it no longer holds the lease (it stops moving).
+    holding: bool = True
+
+
+@dataclass
+class Mover:
+    redis: Redis
+    names: Names
+    me: str
+    group: str
+    partitions: int
+    lease_ms: int
+    batch: int = 500
+    token: str | None = None
+    generation: int = 0
+    _claim_cursor: str | None = field(default="0-0", init=False)
+    #: The last ingest id handed out, once a read found nothing new: what to wait past.
+    _last_delivered: str = field(default="$", init=False)
+
+    def __post_init__(self) -> None:
+        self._acquire = self.redis.register_script(_ACQUIRE)
+        self._renew = self.redis.register_script(_RENEW)
+        self._release = self.redis.register_script(_RELEASE)
+        self._read = self.redis.register_script(_READ)
+        self._move = self.redis.register_script(_MOVE)
+
+    @property
+    def holding(self) -> bool:
+        return self.token is not None
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.names.stream, self.group, id="0", mkstream=True)
+        except ResponseError as error:
+            if not str(error).startswith("BUSYGROUP"):
+                raise
+
+    async def acquire(self) -> bool:
+        """Take the mover lease if it is free; the previous movers' pending entries are then
+        moved first (see :meth:`step`)."""
+        got = await self._acquire(keys=[self.names.mover, self.names.mover_generation],
+                                  args=[self.me, self.lease_ms])  # fmt: skip
+        if not got:
+            return False
+        self.generation, self.token = int(got[0]), text(got[1])
+        self._claim_cursor = "0-0"
+        log.info("moving the ingest stream %s (mover generation %d)", self.names.stream,
+                 self.generation)  # fmt: skip
+        return True
+
+    async def renew(self) -> bool:
+        if self.token is not None and not await self._renew(
+            keys=[self.names.mover], args=[self.token, self.lease_ms]
+        ):
+            log.warning("lost the mover lease (generation %d)", self.generation)
+            self.token = None
+        return self.holding
+
+    async def release(self) -> None:
+        if self.token is not None:
+            await self._release(keys=[self.names.mover], args=[self.token])
+            self.token = None
+
+    async def step(self) -> Moved:
+        """Move one batch: the pending entries left by earlier movers first, then new ones."""
+        entries = await self.read()
+        if entries is None:
+            return Moved(holding=False)
+        return await self.move(entries)
+
+    async def read(self) -> list[tuple[str, Any]] | None:
+        """The next batch, in ingest order; None when this mover no longer holds the lease."""
+        if self.token is None:
+            return None
+        mode = self._claim_cursor or "new"
+        args: list[str | int] = [self.token, self.group, self.me, self.batch, mode]
+        answer: Any = await self._read(keys=[self.names.stream, self.names.mover], args=args)
+        if not answer:
+            self.token = None
+            return None
+        kind, body = text(answer[0]), answer[1] if len(answer) > 1 else []
+        if kind == "claimed":
+            cursor = text(body[0])
+            self._claim_cursor = None if cursor == "0-0" else cursor
+            if deleted := [text(entry_id) for entry_id in (body[2] if len(body) > 2 else [])]:
+                await self._ack(deleted)  # their data is gone: nothing to move
+            claimed = [(text(entry_id), fields) for entry_id, fields in body[1] if fields]
+            return claimed if claimed or self._claim_cursor else await self.read()
+        if kind == "idle":
+            self._last_delivered = text(body)
+            return []
+        return [(text(entry_id), fields) for _, found in body or [] for entry_id, fields in found]
+
+    async def move(self, entries: Sequence[tuple[str, Any]]) -> Moved:
+        """Move ``entries`` (from :meth:`read`) to their partitions, then ack them."""
+        if not entries:
+            return Moved()
+        by_partition: dict[int, list[Any]] = defaultdict(list)
+        for entry_id, fields in entries:
+            pairs = _pairs(fields)
+            job = dict(zip(pairs[::2], pairs[1::2], strict=True)).get(b"job", b"")
+            number = partition_of_raw(job, fallback=entry_id, partitions=self.partitions)
+            by_partition[number] += [entry_id, len(pairs) // 2, *pairs]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for number, args in by_partition.items():
+                await self._move(keys=[self.names.partition(number), self.names.moved(number)],
+                                 args=[self.generation, *args], client=pipe)  # fmt: skip
+            results = await pipe.execute()
+        if any(int(result) < 0 for result in results):
+            log.warning("mover generation %d was fenced out by a newer mover; stopping",
+                        self.generation)  # fmt: skip
+            self.token = None
+            return Moved(holding=False)
+        moved = sum(int(result) for result in results)
+        await self._ack([entry_id for entry_id, _ in entries])
+        return Moved(moved=moved, skipped=len(entries) - moved)
+
+    async def run(self, stop: asyncio.Event, *, idle_block_ms: int) -> None:
+        """Move while holding the lease, try to take it while not, until ``stop``."""
+        tick_s = min(1.0, self.lease_ms / 3000)
+        try:
+            while not stop.is_set():
+                try:
+                    if not await self._turn(tick_s, idle_block_ms):
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), tick_s)
+                except ResponseError as error:
+                    if "NOGROUP" not in str(error):
+                        raise
+                    # The stream or group vanished (a Redis restart without persistence, a DEL).
+                    log.warning("ingest mover: the group is missing; recreating it")
+                    await self.ensure_group()
+                except Exception as error:  # noqa: BLE001 - logged; tried again next turn
+                    log.warning("ingest mover: %s", classify(error).message)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), tick_s)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.release()
+
+    async def _turn(self, tick_s: float, idle_block_ms: int) -> bool:
+        """One turn; False when there is nothing to do but wait a tick."""
+        if not self.holding:
+            return await self.acquire()
+        if not await self.renew():
+            return False
+        done = await self.step()
+        if done.moved or done.skipped or not done.holding:
+            return done.holding
+        # Nothing new: wait past the last id handed out, at most a tick (the lease renewal).
+        block_ms = min(idle_block_ms, int(tick_s * 1000))
+        await self.redis.xread({self.names.stream: self._last_delivered}, count=1, block=block_ms)
+        return True
+
+    async def drain(self) -> None:
+        """Move until the ingest is empty (``run --burst``); waits for the lease if needed."""
+        while await self.redis.xlen(self.names.stream):
+            if not self.holding and not await self.acquire():
+                await asyncio.sleep(0.05)
+                continue
+            await self.step()
+
+    async def _ack(self, entry_ids: list[str]) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self.names.stream, self.group, *entry_ids)
+            pipe.xdel(self.names.stream, *entry_ids)
+            await pipe.execute()
+
+
+def _pairs(fields: Any) -> list[bytes]:
+    """A stream entry's fields as a flat list, from a script's reply (a flat list) or
+    redis-py's dict."""
+    if isinstance(fields, Mapping):
+        return [item for pair in fields.items() for item in pair]
+    return list(fields)
