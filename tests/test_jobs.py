@@ -9,7 +9,8 @@ import jsonschema
 import pytest
 
 from worker.job.filters import MAX_DEPTH, AllOf, AnyOf, Compare, Negate
-from worker.job.models import Job, Rejection, job_json_schema, parse_entry, payload_hash
+from worker.job.json_schema import job_json_schema
+from worker.job.models import Job, Rejection, parse_entry, payload_hash
 
 LIMIT = 65_536
 

@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from worker.client import UpdateClient
 from worker.errors import InvalidJob, SettingsError, classify
-from worker.job.models import job_json_schema
+from worker.job.json_schema import job_json_schema
 from worker.ops import commands, logs, shorthand
 from worker.ops.logs import mask_secrets
 from worker.settings import Settings, field_infos, flag_name, load_settings, mask_url

@@ -40,7 +40,7 @@ from worker.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-#: Partition -> the generation this worker holds it at (worker/fencing.py).
+#: Partition -> the generation this worker holds it at (worker/db/fencing.py).
 Fences = Mapping[int, int]
 NO_FENCES: Fences = {}
 
@@ -146,7 +146,7 @@ class Executor:
         return await self._replay(attempt)
 
     async def _apply_at_once(self, attempt: Attempt, statement: Statement, fences: Fences) -> Reply:
-        """A lone one-row job in one statement (worker/oneshot.py); same outcome as _apply."""
+        """A lone one-row job in one statement (worker/db/oneshot.py); same outcome as _apply."""
         job = attempt.job
         verdicts = [self._verdict(attempt, statement, count) for count in (0, 1)]
         encoded = tuple(verdict.model_dump_json(exclude_none=True) for verdict in verdicts)
@@ -208,7 +208,7 @@ class Executor:
             update={"replayed": True, "attempts": attempt.number, "worker": self.worker}
         )
 
-    # -- group commit (worker/groups.py) ---------------------------------------------------------
+    # -- group commit (groups.py) ------------------------------------------------------------------
 
     async def execute_group(
         self, items: Sequence[tuple[Job, Plan]], *, fences: Fences = NO_FENCES

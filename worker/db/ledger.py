@@ -20,7 +20,7 @@ from worker.db.engine import WRITES
 
 LEDGER_TABLE: Final = "update_worker_ledger"
 #: PostgreSQL's default name for the table's primary key, spelled out so that every
-#: deployment's table, whoever created it, carries the same one (see worker/oneshot.py).
+#: deployment's table, whoever created it, carries the same one (see worker/db/oneshot.py).
 LEDGER_PRIMARY_KEY: Final = f"{LEDGER_TABLE}_pkey"
 
 _metadata = sa.MetaData()

@@ -10,17 +10,18 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.sql.elements import ColumnElement
-from sqlalchemy.types import TypeDecorator
 
-from worker.db.schema import Schema, TableRules
 from worker.errors import ExpectationFailed, InvalidJob, MissingFilter, WorkerError
-from worker.job.filters import AllOf, Compare, Filter, Negate
+from worker.job.conditions import is_numeric, where_condition
 from worker.job.models import Expect, Job, UpdateResult, UpdateSpec
 from worker.job.values import bind_type, coerce, to_json
+
+if TYPE_CHECKING:
+    from worker.db.schema import Schema, TableRules
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +128,7 @@ def compile_update(spec: UpdateSpec, schema: Schema, policy: Policy = Policy()) 
     incs = {}
     for name, amount in spec.inc.items():
         column = rules.writable_column(name)
-        if not _is_numeric(column):
+        if not is_numeric(column):
             raise InvalidJob(
                 f"`inc` needs a numeric column; `{spec.table}.{name}` is {column.type}"
             )
@@ -163,7 +164,7 @@ def compile_update(spec: UpdateSpec, schema: Schema, policy: Policy = Policy()) 
         )
 
     if spec.where is not None:
-        condition: ColumnElement[bool] | None = _condition(spec.where, rules)
+        condition: ColumnElement[bool] | None = where_condition(spec.where, rules)
     elif spec.all_rows:
         condition = None
     else:
@@ -215,7 +216,7 @@ def key_update(
 ) -> sa.Update:
     """``UPDATE table SET sets, incs WHERE keys`` for one shape of job, each value taken from
     ``value(name, column)`` with names ``s0``, ``i0``, ``k0``, ...: a bound parameter for one
-    row, or the column of a VALUES list for many (worker/bulk.py)."""
+    row, or the column of a VALUES list for many (worker/db/bulk.py)."""
     columns = {column.name: column for column in table.columns}
     assignments: dict[sa.Column[Any], Any] = {
         columns[name]: value(f"s{index}", columns[name]) for index, name in enumerate(sets)
@@ -251,62 +252,3 @@ def _key_values(key: dict[str, Any], rules: TableRules) -> dict[str, Any]:
             raise InvalidJob(f"`key` value for `{name}` cannot be null")
         values[name] = coerce(rules.column(name), value)
     return values
-
-
-def _condition(node: Filter, rules: TableRules) -> ColumnElement[bool]:
-    if isinstance(node, Compare):
-        return _compare(rules.column(node.column), node)
-    if isinstance(node, Negate):
-        return sa.not_(_condition(node.part, rules))
-    parts = [_condition(part, rules) for part in node.parts]
-    return sa.and_(*parts) if isinstance(node, AllOf) else sa.or_(*parts)
-
-
-def _compare(column: sa.Column[Any], node: Compare) -> ColumnElement[bool]:
-    op, value = node.op, node.value
-    if op == "is_null":
-        return column.is_(None) if value else column.is_not(None)
-    if op in ("eq", "neq") and value is None:
-        return column.is_(None) if op == "eq" else column.is_not(None)
-    if op in ("in", "nin"):
-        items = [coerce(column, item) for item in value]
-        return column.in_(items) if op == "in" else column.not_in(items)
-    if op == "between":
-        low, high = value
-        return column.between(coerce(column, low), coerce(column, high))
-    if op in ("like", "nlike", "ilike", "nilike"):
-        if not _is_text(column):
-            raise InvalidJob(
-                f"`{op}` needs a text column; `{column.table.name}.{column.name}` is {column.type}"
-            )
-        return {
-            "like": column.like,
-            "nlike": column.not_like,
-            "ilike": column.ilike,
-            "nilike": column.not_ilike,
-        }[op](value)
-    # An explicit bound parameter: `column == False` alone would render the constant `false`.
-    bound = sa.bindparam(None, coerce(column, value), type_=column.type)
-    comparisons = {
-        "eq": column.__eq__,
-        "neq": column.__ne__,
-        "gt": column.__gt__,
-        "gte": column.__ge__,
-        "lt": column.__lt__,
-        "lte": column.__le__,
-    }
-    return comparisons[op](bound)
-
-
-def _base_type(column: sa.Column[Any]) -> sa.types.TypeEngine[Any]:
-    column_type = column.type
-    return column_type.impl_instance if isinstance(column_type, TypeDecorator) else column_type
-
-
-def _is_numeric(column: sa.Column[Any]) -> bool:
-    # Float is no Numeric subclass in SQLAlchemy 2.1 (they share NumericCommon): name all three.
-    return isinstance(_base_type(column), sa.Integer | sa.Numeric | sa.Float)
-
-
-def _is_text(column: sa.Column[Any]) -> bool:
-    return isinstance(_base_type(column), sa.String)

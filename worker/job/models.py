@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from worker.errors import InvalidJob, WorkerError
-from worker.job.filters import FILTER_JSON_SCHEMA, Filter, parse_where
+from worker.job.filters import Filter, parse_where
 from worker.job.order import derive_order_key
 
 MAX_UPDATES_PER_BATCH: Final = 100
@@ -44,11 +44,11 @@ _PATTERNS: Final = {pattern: re.compile(pattern) for pattern in (ID_PATTERN, CHA
 JobId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 Channel = Annotated[str, StringConstraints(pattern=CHANNEL_PATTERN)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
-_FILTER_MARK: Final = "x-update-worker-filter"
+FILTER_MARK: Final = "x-update-worker-filter"
 Where = Annotated[
     Filter | None,
     PlainValidator(parse_where),
-    WithJsonSchema({_FILTER_MARK: True}),
+    WithJsonSchema({FILTER_MARK: True}),
 ]
 
 
@@ -208,25 +208,6 @@ def payload_hash(document: Mapping[str, Any]) -> str:
     content = {key: value for key, value in document.items() if key not in ("id", "reply_to")}
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def job_json_schema() -> dict[str, Any]:
-    """The JSON Schema of a job, single or batch, for producers in other languages."""
-    schema = TypeAdapter(SingleJob | BatchJob).json_schema(by_alias=True)
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "update-worker job"
-    schema.setdefault("$defs", {})["Filter"] = FILTER_JSON_SCHEMA
-    return _replace_filter_mark(schema)  # type: ignore[no-any-return]
-
-
-def _replace_filter_mark(node: Any) -> Any:
-    if isinstance(node, dict):
-        if node.get(_FILTER_MARK):
-            return {"$ref": "#/$defs/Filter"}
-        return {key: _replace_filter_mark(value) for key, value in node.items()}
-    if isinstance(node, list):
-        return [_replace_filter_mark(item) for item in node]
-    return node
 
 
 class ErrorInfo(BaseModel):

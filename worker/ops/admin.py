@@ -1,5 +1,5 @@
 """What an operator asks of a deployment: is it in order (``check``, ``/readyz``), and its
-backlog (the gauges); ``stats`` is worker/snapshot.py. Read-only: nothing here changes Redis or
+backlog (the gauges); ``stats`` is worker/ops/snapshot.py. Read-only: nothing here changes Redis or
 the database.
 
 Every problem is one line that starts with the component it is about (``redis:``,

@@ -3,7 +3,7 @@
 On every tick (a few per second) the worker renews its leases, looks at every partition's
 owner and at the live workers (their records in ``<prefix>:meta``), hands over the partitions
 assigned to another live worker and takes the free ones assigned to it (or orphaned). A
-takeover is: the lease, then the database fence raised (worker/fencing.py), then every entry
+takeover is: the lease, then the database fence raised (worker/db/fencing.py), then every entry
 pending in the partition claimed, to be served first and in stream order, and only then new
 entries. A handover stops reading the partition, lets its running units finish, and drops the
 lease, so the next owner finds nothing half done.

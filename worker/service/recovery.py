@@ -3,7 +3,7 @@ is not run again. Its stored reply is replayed if the job did finish, and otherw
 the dead-letter stream with the delivery count and the last error.
 
 Nothing a dead or stalled worker held is lost: its partitions' new owners claim every entry
-pending there when they take over (worker/ownership.py), and each such claim counts as a
+pending there when they take over (worker/service/ownership.py), and each such claim counts as a
 delivery, so an entry that kills every worker that runs it ends here.
 """
 

@@ -63,7 +63,7 @@ def prepare(
 
 def units(works: list[Work], *, group_size: int) -> list[list[Work]]:
     """Single-row jobs in full groups of ``group_size``; the rest one by one; in an order
-    that keeps each order key's entries in stream order (worker/lanes.py registers them so).
+    that keeps each order key's entries in stream order (worker/service/lanes.py registers them so).
 
     Full groups, not groups spread thin over every free slot: a transaction's fixed cost
     (begin, ledger lookup, row locks, ledger insert, commit) is paid once per group. A unit

@@ -15,13 +15,15 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from redis.asyncio import Redis
 
-from worker.db.schema import Schema
 from worker.job.compiler import Policy
 from worker.stream.names import Names, text
+
+if TYPE_CHECKING:
+    from worker.db.schema import Schema
 
 HEARTBEAT_S: Final = 1.0
 #: A record older than this is a worker that stopped without saying so (SIGKILL, a crash).

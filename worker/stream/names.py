@@ -46,7 +46,7 @@ class Names:
 
     @property
     def meta(self) -> str:
-        """The deployment record: the workers serving this prefix (worker/deployment.py)."""
+        """The deployment record: the workers serving this prefix (worker/stream/deployment.py)."""
         return f"{self.prefix}:meta"
 
     @property

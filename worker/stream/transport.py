@@ -1,6 +1,6 @@
 """Redis streams: groups, reply and ack, dead letters (DESIGN.md §1, §4, §6).
 
-Reading is worker/reading.py, the ingest mover worker/mover.py. A reply is stored, published
+Reading is reading.py, the ingest mover mover.py. A reply is stored, published
 and acked in one MULTI, so an entry is never acked without its reply, and never replied twice
 as "final".
 """
@@ -191,11 +191,3 @@ class Transport:
 
     async def aclose(self) -> None:
         await self.redis.aclose()
-
-
-def _streams(response: Any) -> list[tuple[Any, list[tuple[bytes, Mapping[bytes, bytes]]]]]:
-    if not response:
-        return []
-    if isinstance(response, dict):  # RESP3
-        return list(response.items())
-    return [(name, entries) for name, entries in response]
