@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 from typing import Any
 
@@ -13,10 +14,12 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.tables import items
+from worker.db import fencing
 from worker.db.executor import Executor
 from worker.db.groups import groupable
 from worker.db.ledger import ensure_ledger, ledger
 from worker.db.schema import Schema, reflect_schema
+from worker.errors import Fenced
 from worker.job.compiler import Plan, compile_job
 from worker.job.models import Job, Reply, parse_entry
 
@@ -184,3 +187,73 @@ async def run_group(executor: Executor, group: list[tuple[Job, Plan]]) -> list[R
     replies = await executor.execute_group(group)
     assert all(reply is not None for reply in replies)
     return [reply for reply in replies if reply is not None]
+
+
+async def test_a_group_larger_than_one_statement_holds_commits_as_one_group(
+    engine: AsyncEngine, schema: Schema, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A group of 1,000 (the largest WORKER_GROUP_SIZE) on distinct rows: more rows than one
+    statement takes (SQLite allows 500 terms in a compound SELECT), so it runs in chunks, and
+    commits as a group rather than falling back to one job at a time."""
+    async with engine.begin() as connection:
+        await connection.execute(
+            items.insert(), [{"id": n, "name": f"n{n}", "qty": 0} for n in range(100, 1100)]
+        )
+    executor = Executor(engine, worker="g")
+    with caplog.at_level(logging.INFO, logger="worker.db.groups"):
+        replies = await run_group(
+            executor, [compiled(schema, inc(f"big-{n}", n)) for n in range(100, 1100)]
+        )
+    assert not [record.message for record in caplog.records if "rolled back" in record.message]
+    assert [(reply.status, reply.rowcount) for reply in replies] == [("ok", 1)] * 1000
+    assert (await quantities(engine))[4:] == [1] * 1000
+    assert await ledger_count(engine) == 1000
+
+
+async def test_a_group_stores_every_column_type_as_one_job_at_a_time_does(
+    engine: AsyncEngine, schema: Schema, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Grouped updates bind their values in bulk (arrays on PostgreSQL): every type, and
+    NULL, ends up stored exactly as when each job runs alone."""
+    values = [
+        {"name": "Plum", "price": "3.455", "weight": 0.25, "active": False, "tag": None,
+         "born": "2025-02-03", "seen_at": "2025-02-03T04:05:06+02:00"},
+        {"name": "Fig", "price": None, "weight": None, "active": None, "tag": "dried",
+         "born": None, "seen_at": None},
+    ]  # fmt: skip
+    executor = Executor(engine, worker="g")
+    group = [compiled(schema, {"id": f"grouped-{n}", "table": "items", "key": {"id": n + 1},
+                               "set": value}) for n, value in enumerate(values)]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="worker.db.groups"):
+        assert [reply.rowcount for reply in await run_group(executor, group)] == [1, 1]
+    assert not [record.message for record in caplog.records if "rolled back" in record.message]
+    for n, value in enumerate(values):
+        job = {"id": f"alone-{n}", "table": "items", "key": {"id": n + 3}, "set": value}
+        assert (await executor.execute(*compiled(schema, job))).rowcount == 1
+    async with engine.connect() as connection:
+        rows = (await connection.execute(sa.select(items).order_by(items.c.id))).all()
+    stored = [tuple(row)[1:] for row in rows]
+    assert [row[0] for row in stored] == ["Plum", "Fig", "Plum", "Fig"]
+    assert [row[:1] + row[2:] for row in stored[:2]] == [row[:1] + row[2:] for row in stored[2:]]
+
+
+async def test_a_fenced_group_applies_and_records_nothing(
+    engine: AsyncEngine, schema: Schema
+) -> None:
+    """The fence is read with the ledger lookup, in one statement: a generation that is not
+    the partition's any more stops the whole group; the current one lets it through."""
+    async with engine.begin() as connection:
+        await fencing.ensure_partitions(connection, 2)
+    generation = await fencing.take(engine, 1, wait_s=1.0)
+    executor = Executor(engine, worker="g")
+    group = [compiled(schema, inc(f"f-{n}", 1 + n % 2)) for n in range(4)]
+    with pytest.raises(Fenced) as raised:
+        await executor.execute_group(group, fences={0: 0, 1: generation - 1})
+    assert raised.value.partitions == [1]
+    assert await quantities(engine) == [10, 0, 25, 5]
+    assert await ledger_count(engine) == 0
+    replies = await executor.execute_group(group, fences={0: 0, 1: generation})
+    assert [reply.rowcount if reply else None for reply in replies] == [1, 1, 1, 1]
+    assert await quantities(engine) == [12, 2, 25, 5]
+    again = await executor.execute_group(group, fences={0: 0, 1: generation})
+    assert all(reply and reply.replayed for reply in again)  # found by the same statement

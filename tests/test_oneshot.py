@@ -1,4 +1,4 @@
-"""A lone one-row job: one statement on PostgreSQL (worker/oneshot.py), a transaction on SQLite.
+"""A lone one-row job: one statement on PostgreSQL (worker/db/oneshot.py), a transaction on SQLite.
 
 Every test runs on both backends and checks the same observable outcome (rows, ledger, reply),
 so the one-statement path is held to exactly what the transaction path does. Where it matters,

@@ -43,6 +43,11 @@ def create_engine(
             "statement_timeout": str(timeouts.statement_ms),
             "lock_timeout": str(timeouts.lock_ms),
             "idle_in_transaction_session_timeout": str(timeouts.idle_in_transaction_ms),
+            # Prepared statements keep a generic plan once one looks as good as the first few
+            # custom ones: a ledger lookup first planned while the ledger was small stayed a
+            # sequential scan as it grew (most of PostgreSQL's CPU in a long drain). Custom
+            # plans follow the tables' size; planning these short statements costs little.
+            "plan_cache_mode": "force_custom_plan",
         }
     pooling: dict[str, Any] = {"pool_size": pool_size, "max_overflow": 2}
     if make_url(database_url).database in (None, "", ":memory:"):

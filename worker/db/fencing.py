@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
+from worker.db import ledger
 from worker.db.engine import WRITES
 from worker.errors import Fenced
 
@@ -112,6 +113,51 @@ async def check(session: AsyncSession, fences: Mapping[int, int]) -> None:
     current = {row.partition: row.generation for row in rows}
     if stale := sorted(p for p, generation in fences.items() if current.get(p) != generation):
         raise Fenced(stale)
+
+
+async def check_and_look_up(
+    session: AsyncSession, fences: Mapping[int, int], job_ids: list[str]
+) -> dict[str, ledger.Entry]:
+    """:func:`check` and :func:`ledger.lookup_many` in one statement (one round trip, or
+    one hop to SQLite's thread): the ledger rows of ``job_ids`` that have one."""
+    if not fences:
+        return await ledger.lookup_many(session, job_ids)
+    postgres = session.get_bind().dialect.name == "postgresql"
+    rows = await session.execute(_read_with_ledger(postgres), {"ps": sorted(fences),
+                                                                "ids": job_ids})  # fmt: skip
+    found: dict[str, ledger.Entry] = {}
+    current: dict[int, int] = {}
+    for row in rows:
+        if row.job_id is None:  # a fence row: partition and generation, as text
+            current[int(row.payload_hash)] = int(row.reply)
+        else:
+            found[row.job_id] = ledger.Entry(payload_hash=row.payload_hash, reply=row.reply)
+    if stale := sorted(p for p, generation in fences.items() if current.get(p) != generation):
+        raise Fenced(stale)
+    return found
+
+
+@functools.cache
+def _read_with_ledger(postgres: bool) -> sa.CompoundSelect[Any]:
+    """``WITH fence AS (SELECT … FOR SHARE) SELECT <ledger rows> UNION ALL SELECT <fence
+    rows>``: FOR SHARE may not stand in a UNION itself, but may in a WITH."""
+    fence = _read(postgres).cte("fence")
+    ledger_rows = ledger.ledger
+    if postgres:
+        ids: Any = sa.bindparam("ids", type_=postgresql.ARRAY(ledger_rows.c.job_id.type))
+        known = ledger_rows.c.job_id == sa.any_(ids)
+    else:
+        known = ledger_rows.c.job_id.in_(sa.bindparam("ids", expanding=True))
+    return sa.union_all(
+        sa.select(ledger_rows.c.job_id, ledger_rows.c.payload_hash, ledger_rows.c.reply).where(
+            known
+        ),
+        sa.select(
+            sa.null().label("job_id"),
+            sa.cast(fence.c.partition, sa.String).label("payload_hash"),
+            sa.cast(fence.c.generation, sa.Text).label("reply"),
+        ),
+    )
 
 
 @functools.cache

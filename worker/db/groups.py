@@ -1,7 +1,7 @@
-"""Group commits: many single-row jobs in one transaction (worker/bulk.py builds the
+"""Group commits: many single-row jobs in one transaction (worker/db/bulk.py builds the
 statements), with the ledger, and the fallback to one job at a time.
 
-No two concurrent groups hold the same order key (worker/lanes.py), so groups take no row
+No two concurrent groups hold the same order key (worker/service/lanes.py), so groups take no row
 locks up front; jobs with different producer-given order keys on one row may still meet, and
 a deadlock between them is retried like any other.
 """
@@ -72,8 +72,7 @@ async def _commit(
     made: dict[str, Reply] = {}
     recorded: dict[str, ledger.Entry] = {}
     async with executor.session() as session:
-        await fencing.check(session, fences)
-        finished = await ledger.lookup_many(session, list(first))
+        finished = await fencing.check_and_look_up(session, fences, list(first))
         todo = [index for index in sorted(first.values(), key=lambda index: _row(items[index][1]))
                 if items[index][0].id not in finished]  # fmt: skip
         results = await bulk.run_rows(
