@@ -249,3 +249,24 @@ async def test_a_server_that_wants_client_certificates_gets_the_configured_one(
     ]
     refused = results["without"].stderr.splitlines()
     assert (results["without"].returncode, refused[0].split(":")[0]) == (1, "redis"), refused
+
+
+def test_commands_are_packed_by_hiredis_into_the_same_bytes() -> None:
+    """The worker's clients pack commands in C; the bytes are redis-py's own, and what Redis
+    cannot take is refused the same way."""
+    from redis.asyncio.connection import Connection
+    from redis.exceptions import DataError
+
+    from worker.stream.client import connect
+
+    client = connect("redis://127.0.0.1:6379/0")
+    fast, plain = client.connection_pool.connection_class(), Connection()
+    assert type(fast).pack_command is not Connection.pack_command
+    commands: list[tuple[str | bytes | int | float, ...]] = [
+        ("SET", "k", b"v", "EX", 86_400), ("XADD", "s", "*", "job", '{"é": 1}'),
+        ("SCRIPT LOAD", "return 1"), ("EVALSHA", "f00", 1, "k", 0.25, 10**20),
+    ]  # fmt: skip
+    for command in commands:
+        assert b"".join(fast.pack_command(*command)) == b"".join(plain.pack_command(*command))
+    with pytest.raises(DataError):
+        fast.pack_command("SET", "k", True)

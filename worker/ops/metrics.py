@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -73,6 +74,12 @@ class Metrics:
         self.ingest = Gauge("update_worker_ingest_entries", "Entries in the ingest stream not "
                             "yet moved to their partitions", registry=self.registry)  # fmt: skip
         self.last_turn = time.monotonic()
+        # labels() takes a lock and builds a key on every call: the children, kept per label
+        # values (a handful: statuses x tables from the schema), cost a dict lookup per job.
+        self._jobs = functools.cache(self.jobs.labels)
+        self._rows = functools.cache(self.rows.labels)
+        self._queue = self.duration.labels("queue")
+        self._execution = self.duration.labels("execution")
 
     def turned(self) -> None:
         """The worker's loop went round once: the liveness signal."""
@@ -83,21 +90,21 @@ class Metrics:
 
     def queued(self, enqueued_ms: int) -> None:
         """A job starts: its queue wait, from the stream entry's own timestamp."""
-        self.duration.labels("queue").observe(max(0.0, time.time() - enqueued_ms / 1000))
+        self._queue.observe(max(0.0, time.time() - enqueued_ms / 1000))
 
     def answered(self, reply: Reply, tables: Sequence[str]) -> None:
         """A reply went out for a job on ``tables`` (one per update; none if it never parsed)."""
         status = "ok" if reply.error is None else reply.error.code
         distinct = set(tables)
         label = tables[0] if len(distinct) == 1 else SEVERAL_TABLES if distinct else NO_TABLE
-        self.jobs.labels(status, label).inc()
+        self._jobs(status, label).inc()
         if reply.duration_ms:
-            self.duration.labels("execution").observe(reply.duration_ms / 1000)
+            self._execution.observe(reply.duration_ms / 1000)
         if reply.status != "ok" or reply.replayed or reply.dry_run:
             return  # nothing was written this time
         counts = [result.rowcount for result in reply.results or ()] or [reply.rowcount]
         for table, count in zip(tables, counts, strict=False):
-            self.rows.labels(table).inc(count)
+            self._rows(table).inc(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -89,13 +89,15 @@ async def open_worker(settings: Settings) -> AsyncIterator[Worker]:
             metrics=metrics,
         )
         log.info(
-            "worker %s ready: %d table(s), database %s, redis %s, stream %s, %d partitions",
+            "worker %s ready: %d table(s), database %s, redis %s, stream %s, %d partitions, "
+            "event loop %s",
             settings.consumer,
             len(schema.tables),
             mask_url(settings.database_url),
             mask_url(settings.redis_url),
             transport.names.stream,
             settings.partitions,
+            type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
         recovery = Recovery(transport=transport, executor=executor, worker=settings.consumer)
         if settings.metrics_port is not None:

@@ -37,75 +37,14 @@ from redis.exceptions import ResponseError
 
 from worker.errors import classify
 from worker.job.order import partition_of_raw
+from worker.stream import mover_lua as lua
 from worker.stream.names import Names, text
+from worker.stream.scripts import Call, run_each
 
 log = logging.getLogger(__name__)
 
 #: The ingest entry's id in a moved entry.
 SOURCE: Final = b"src"
-
-_ACQUIRE: Final = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local generation = redis.call('INCR', KEYS[2])
-local token = ARGV[1] .. '/' .. generation
-redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
-return {generation, token}
-"""
-_RENEW: Final = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-_RELEASE: Final = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-# KEYS: ingest stream, lease. ARGV: token, group, consumer, count, mode ('new' or a claim
-# cursor). Nothing is handed out unless the caller still holds the lease.
-_READ: Final = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return false end
-if ARGV[5] == 'new' then
-  local read = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4],
-                          'STREAMS', KEYS[1], '>')
-  if read then return {'new', read} end
-  for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-    local fields = {}
-    for i = 1, #group, 2 do fields[group[i]] = group[i + 1] end
-    if fields['name'] == ARGV[2] then return {'idle', fields['last-delivered-id']} end
-  end
-  return {'idle', '0-0'}
-end
-return {'claimed', redis.call('XAUTOCLAIM', KEYS[1], ARGV[2], ARGV[3], 0, ARGV[5],
-                              'COUNT', ARGV[4])}
-"""
-# KEYS: partition stream, its mark. ARGV: generation, then per entry: ingest id, field count,
-# fields. Returns how many were added, or -1 when a newer mover has written here.
-_MOVE: Final = """
-local function after(a, b)
-  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
-  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
-  ams, aseq, bms, bseq = tonumber(ams), tonumber(aseq), tonumber(bms), tonumber(bseq)
-  return ams > bms or (ams == bms and aseq > bseq)
-end
-local generation = tonumber(ARGV[1])
-local known = tonumber(redis.call('HGET', KEYS[2], 'generation') or '0')
-if generation < known then return -1 end
-local mark = redis.call('HGET', KEYS[2], 'mark') or '0-0'
-local added = 0
-local i = 2
-while i <= #ARGV do
-  local id, count = ARGV[i], tonumber(ARGV[i + 1])
-  if after(id, mark) then
-    local entry = {'src', id}
-    for j = 1, 2 * count do entry[#entry + 1] = ARGV[i + 1 + j] end
-    redis.call('XADD', KEYS[1], '*', unpack(entry))
-    mark = id
-    added = added + 1
-  end
-  i = i + 2 + 2 * count
-end
-redis.call('HSET', KEYS[2], 'generation', generation, 'mark', mark)
-return added
-"""
 
 
 @dataclass
@@ -132,13 +71,15 @@ class Mover:
     _claim_cursor: str | None = field(default="0-0", init=False)
     #: The last ingest id handed out, once a read found nothing new: what to wait past.
     _last_delivered: str = field(default="$", init=False)
+    #: When the lease was last taken or renewed (event-loop time).
+    _renewed_at: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
-        self._acquire = self.redis.register_script(_ACQUIRE)
-        self._renew = self.redis.register_script(_RENEW)
-        self._release = self.redis.register_script(_RELEASE)
-        self._read = self.redis.register_script(_READ)
-        self._move = self.redis.register_script(_MOVE)
+        self._acquire = self.redis.register_script(lua.ACQUIRE)
+        self._renew = self.redis.register_script(lua.RENEW)
+        self._release = self.redis.register_script(lua.RELEASE)
+        self._read = self.redis.register_script(lua.READ)
+        self._move = self.redis.register_script(lua.MOVE)
 
     @property
     def holding(self) -> bool:
@@ -159,18 +100,32 @@ class Mover:
         if not got:
             return False
         self.generation, self.token = int(got[0]), text(got[1])
+        self._renewed_at = asyncio.get_running_loop().time()
         self._claim_cursor = "0-0"
         log.info("moving the ingest stream %s (mover generation %d)", self.names.stream,
                  self.generation)  # fmt: skip
         return True
 
     async def renew(self) -> bool:
-        if self.token is not None and not await self._renew(
-            keys=[self.names.mover], args=[self.token, self.lease_ms]
-        ):
+        if self.token is None:
+            return False
+        now = asyncio.get_running_loop().time()
+        if await self._renew(keys=[self.names.mover], args=[self.token, self.lease_ms]):
+            self._renewed_at = now
+        else:
             log.warning("lost the mover lease (generation %d)", self.generation)
             self.token = None
         return self.holding
+
+    async def renew_when_due(self, every_s: float) -> bool:
+        """Renew once ``every_s`` has passed since the last renewal. Safety never rests on
+        it: every read checks the lease in Redis, and every move its generation."""
+        if (
+            self.token is not None
+            and asyncio.get_running_loop().time() - self._renewed_at < every_s
+        ):
+            return True
+        return await self.renew()
 
     async def release(self) -> None:
         if self.token is not None:
@@ -217,11 +172,11 @@ class Mover:
             job = dict(zip(pairs[::2], pairs[1::2], strict=True)).get(b"job", b"")
             number = partition_of_raw(job, fallback=entry_id, partitions=self.partitions)
             by_partition[number] += [entry_id, len(pairs) // 2, *pairs]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for number, args in by_partition.items():
-                await self._move(keys=[self.names.partition(number), self.names.moved(number)],
-                                 args=[self.generation, *args], client=pipe)  # fmt: skip
-            results = await pipe.execute()
+        calls: list[Call] = [
+            ([self.names.partition(number), self.names.moved(number)], [self.generation, *args])
+            for number, args in by_partition.items()
+        ]
+        results = await run_each(self.redis, self._move, calls)
         if any(int(result) < 0 for result in results):
             log.warning("mover generation %d was fenced out by a newer mover; stopping",
                         self.generation)  # fmt: skip
@@ -258,7 +213,7 @@ class Mover:
         """One turn; False when there is nothing to do but wait a tick."""
         if not self.holding:
             return await self.acquire()
-        if not await self.renew():
+        if not await self.renew_when_due(tick_s):
             return False
         done = await self.step()
         if done.moved or done.skipped or not done.holding:

@@ -3,7 +3,7 @@
 Each partition has at most one owner: the worker named in ``<prefix>:{p<n>}:owner``, a key
 with a TTL of ``lease_ms`` that its owner renews on every tick (a few times per lease). A
 lease is only a claim on Redis; what makes a stale owner harmless is the database fence
-(worker/fencing.py), which every new owner raises before it serves the partition.
+(worker/db/fencing.py), which every new owner raises before it serves the partition.
 
 Sharing: the live workers, sorted by name, are each assigned the partitions n with
 ``n mod (live workers)`` equal to their rank, so each holds ⌈P / live⌉ or one fewer. A worker
@@ -23,6 +23,7 @@ from typing import Any, Final
 from redis.asyncio import Redis
 
 from worker.stream.names import Names, text
+from worker.stream.scripts import Call, run_each
 
 _RENEW: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -110,11 +111,9 @@ class Leases:
         held = sorted(self.held)
         if not held:
             return []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for number in held:
-                await self._renew(keys=[self.names.owner(number)],
-                                  args=[self.me, self.lease_ms], client=pipe)  # fmt: skip
-            results = await pipe.execute()
+        calls: list[Call] = [([self.names.owner(number)], [self.me, self.lease_ms])
+                             for number in held]  # fmt: skip
+        results = await run_each(self.redis, self._renew, calls)
         lost = [number for number, renewed in zip(held, results, strict=True) if not renewed]
         self.held.difference_update(lost)
         return lost

@@ -18,6 +18,7 @@ from typing import Any, Final
 from redis.asyncio import Redis
 
 from worker.stream.names import Claim, Entry, Names, text
+from worker.stream.scripts import Call, run_each
 
 # KEYS: partition stream, its lease. ARGV: lease value (this worker), group, consumer, count,
 # and whether to look up where the group stands. Returns false when the lease is not ours;
@@ -59,22 +60,26 @@ class Reader:
         #: Partition -> the last id the group handed out there (to this worker, its reader).
         self._last: dict[int, str] = {}
         self._claim = redis.register_script(_CLAIM)
+        #: Partitions a wait saw new entries in: the next read asks only them.
+        self._woken: set[int] = set()
 
     async def read(self, partitions: Collection[int], *, count: int) -> Batch:
         """New entries of ``partitions`` (in stream order within each), at most about
-        ``count`` in all."""
-        owned = sorted(partitions)
+        ``count`` in all. Right after a :meth:`wait` that saw new entries, only the
+        partitions it saw them in."""
+        woken, self._woken = self._woken & set(partitions), set()
+        owned = sorted(woken or partitions)
         batch = Batch()
         if not owned:
             return batch
         each = max(1, math.ceil(count / len(owned)))
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for number in owned:
-                keys = [self.names.partition(number), self.names.owner(number)]
-                info = "info" if number not in self._last else "-"
-                args: list[str | int] = [self._consumer, self._group, self._consumer, each, info]
-                await self._read(keys=keys, args=args, client=pipe)
-            answers: list[Any] = await pipe.execute()
+        calls: list[Call] = [
+            ([self.names.partition(number), self.names.owner(number)],
+             [self._consumer, self._group, self._consumer, each,
+              "info" if number not in self._last else "-"])
+            for number in owned
+        ]  # fmt: skip
+        answers = await run_each(self.redis, self._read, calls)
         for number, answer in zip(owned, answers, strict=True):
             if not answer:
                 batch.lost.append(number)
@@ -95,7 +100,9 @@ class Reader:
         if idle:
             streams: dict[Any, Any] = {self.names.partition(number): last
                                        for number, last in idle.items()}  # fmt: skip
-            await self.redis.xread(streams, count=1, block=block_ms)
+            found = await self.redis.xread(streams, count=1, block=block_ms)
+            named = {self.names.partition(number): number for number in idle}
+            self._woken = {named[text(stream)] for stream, _ in _streams(found)}
 
     async def claim_all(self, number: int) -> Claim:
         """Every entry pending in partition ``number``, whoever was handed it, now this
@@ -157,3 +164,12 @@ async def _pending_counts(redis: Redis, stream: str, group: str, consumer: str,
 
 def _fields(flat: list[Any]) -> dict[bytes, bytes]:
     return {flat[index]: flat[index + 1] for index in range(0, len(flat), 2)}
+
+
+def _streams(response: Any) -> list[tuple[Any, Any]]:
+    """XREAD's reply as (stream, entries) pairs, under RESP2 or RESP3."""
+    if not response:
+        return []
+    if isinstance(response, dict):
+        return list(response.items())
+    return [(stream, entries) for stream, entries in response]
