@@ -257,7 +257,8 @@ async def test_json_log_lines_parse_and_never_show_a_password(
     redis_url = f"redis://:hunter2@127.0.0.1:{redis_port}/0"
     try:
         env = clean_env(WORKER_REDIS_URL=redis_url, WORKER_DATABASE_URL=database_url, WORKER_PREFIX=prefix,
-                        WORKER_LOG_FORMAT="json", WORKER_BLOCK_MS="200")  # fmt: skip
+                        WORKER_LOG_FORMAT="json", WORKER_BLOCK_MS="200",
+                        WORKER_LOG_LEVEL="DEBUG")  # fmt: skip
         await asyncio.sleep(0.3)
         worker = await asyncio.create_subprocess_exec(
             *CLI, "run", env=env, stderr=asyncio.subprocess.PIPE
@@ -280,6 +281,10 @@ async def test_json_log_lines_parse_and_never_show_a_password(
     assert {key: job[key] for key in ("table", "status", "rowcount", "attempt")} == {
         "table": "items", "status": "ok", "rowcount": 1, "attempt": 1}  # fmt: skip
     assert job["duration_ms"] >= 0
+    assert job["level"] == "DEBUG"  # one line per job only when asked for
+    # At INFO, a summary: every SUMMARY_S, and a last one when the worker stops.
+    summaries = [line for line in lines if line["level"] == "INFO" and "answered" in line]
+    assert summaries[-1]["statuses"] == {"ok": 1}, summaries
     assert any(":***@127.0.0.1" in line["message"] for line in lines)  # the start-up line, masked
     assert wrong.returncode == 1
     assert "hunter2" not in output + wrong.stdout + wrong.stderr

@@ -1,7 +1,9 @@
 """Log lines: ``text`` for people, ``json`` (one object per line) for machines; never a secret.
 
-A finished job is one line at INFO with its fields (job id, table, status, rowcount, duration,
-attempt) as structured data: plain ``key=value`` pairs in text, top-level keys in JSON.
+A finished job is one line at DEBUG with its fields (job id, table, status, rowcount, duration,
+attempt), and a summary of the jobs answered is one line at INFO every few seconds
+(worker/service/answers.py); fields are plain ``key=value`` pairs in text, top-level keys in
+JSON.
 Every line, exceptions included, passes through :func:`mask_secrets`, so a password in a URL
 never reaches the output, whoever wrote the message.
 """

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Final
 
 from worker.db.executor import Executor, Fences
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: The dead-letter reason of an entry that is no job at all (see jobs.parse_entry).
 UNPARSABLE: Final = "unparsable"
+#: Seconds between the INFO lines that sum up the jobs answered (each job's line is DEBUG).
+SUMMARY_S: Final = 10.0
 _FAULT_PAUSE_MAX_S: Final = 30.0
 
 
@@ -46,6 +49,8 @@ class Answers:
     recovery: Recovery
     metrics: Metrics
     reader: Reader
+    #: Replies since the last summary line, by status (``ok`` or the error code).
+    _tally: Counter[str] = field(default_factory=Counter, init=False)
 
     async def handle(self, unit: list[Work], slots: asyncio.Semaphore, *, fences: Fences) -> None:
         """Answer every entry of ``unit`` finally; returns only then (or when fenced)."""
@@ -134,18 +139,29 @@ class Answers:
             )
         self._answered(entry, rejection, reply)
 
+    def summarize(self) -> None:
+        """One INFO line: how many jobs were answered since the last one, by status."""
+        if not self._tally:
+            return
+        total = sum(self._tally.values())
+        statuses = ", ".join(f"{status} {count}" for status, count in sorted(self._tally.items()))
+        log.info("answered %d job(s): %s", total, statuses,
+                 extra={FIELDS: {"answered": total, "statuses": dict(self._tally)}})  # fmt: skip
+        self._tally.clear()
+
     def _answered(self, entry: Entry, job: Job | Rejection, reply: Reply) -> None:
-        """Count the reply, and log it as one line with the job's fields."""
+        """Count the reply, and log it as one DEBUG line with the job's fields."""
         tables = [spec.table for spec in job.updates] if isinstance(job, Job) else []
         self.metrics.answered(reply, tables)
-        if log.isEnabledFor(logging.INFO):
-            status = reply.status if reply.error is None else reply.error.code
+        status = reply.status if reply.error is None else reply.error.code
+        self._tally[status] += 1
+        if log.isEnabledFor(logging.DEBUG):
             fields = {"job_id": reply.id, "entry_id": entry.id, "table": ",".join(tables) or None,
                       "status": status, "rowcount": reply.rowcount,
                       "duration_ms": reply.duration_ms, "attempt": reply.attempts,
                       "replayed": reply.replayed or None, "partition": entry.partition,
                       "dry_run": reply.dry_run or None}  # fmt: skip
-            log.info("job %s: %s", reply.id, status, extra={FIELDS: fields})
+            log.debug("job %s: %s", reply.id, status, extra={FIELDS: fields})
 
 
 def _ready(work: Work) -> tuple[Job, Plan]:

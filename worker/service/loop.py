@@ -1,8 +1,8 @@
 """The loop: partitions -> jobs -> lanes -> executor -> replies, and shutdown.
 
 It only wires the other modules together: no SQL here, and no Redis command names. What it
-reads comes from the partitions this worker owns (worker/ownership.py), the entries claimed at
-a takeover first; what it runs goes through lanes (worker/lanes.py), so jobs that share an
+reads comes from the partitions this worker owns (ownership.py), the entries claimed at
+a takeover first; what it runs goes through lanes (lanes.py), so jobs that share an
 order key apply one after another, in stream order.
 """
 
@@ -22,7 +22,7 @@ from worker.db.schema import Schema
 from worker.errors import classify
 from worker.job.compiler import Policy
 from worker.ops.metrics import Metrics
-from worker.service.answers import Answers
+from worker.service.answers import SUMMARY_S, Answers
 from worker.service.lanes import Lanes
 from worker.service.ownership import Ownership
 from worker.service.units import Pace, Work, order_key, prepare, units
@@ -99,6 +99,7 @@ class Worker:
             asyncio.create_task(self.ownership.run(helpers), name="ownership"),
             asyncio.create_task(self.mover.run(helpers, idle_block_ms=self.settings.block_ms),
                                 name="ingest mover"),
+            asyncio.create_task(self._summaries(helpers), name="summaries"),
         ]  # fmt: skip
         try:
             while not stop.is_set():
@@ -127,6 +128,16 @@ class Worker:
             await self._drain(tasks)
             helpers.set()
             await asyncio.gather(*background, return_exceptions=True)
+
+    async def _summaries(self, stop: asyncio.Event) -> None:
+        """An INFO line every SUMMARY_S with the jobs answered meanwhile, and a last one."""
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), SUMMARY_S)
+                self.answers.summarize()
+        finally:
+            self.answers.summarize()
 
     def _prepare(self, entry: Entry) -> Work:
         settings = self.settings
