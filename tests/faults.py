@@ -101,6 +101,10 @@ class WorkerProcesses:
         process.wait(10)
         self.kills += 1
 
+    @property
+    def spawned(self) -> list[subprocess.Popen[bytes]]:
+        return list(self._processes)
+
     def alive(self) -> list[subprocess.Popen[bytes]]:
         return [process for process in self._processes if process.poll() is None]
 

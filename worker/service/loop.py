@@ -117,7 +117,13 @@ class Worker:
                     if burst:
                         await asyncio.wait(tasks, timeout=1.0)
                     continue
-                works = [self._prepare(entry) for entry in entries if _key(entry) not in held]
+                # An entry claimed at a takeover may still be held by a unit of this worker's
+                # own earlier ownership of the partition (its lease lapsed, then came back):
+                # that unit is fenced and answers nothing, so the entry runs again here, after
+                # it in the lane. Skipping it would leave it pending, and later jobs on its key
+                # would go first.
+                works = [self._prepare(entry) for entry in entries
+                         if entry.claimed or _key(entry) not in held]  # fmt: skip
                 for unit in units(works, group_size=self.settings.group_size):
                     task = self._start(unit, lanes, slots)
                     tasks.add(task)
@@ -229,7 +235,8 @@ class Worker:
 
 
 def _forget(
-    held: dict[tuple[int, str], asyncio.Task[None]], unit: list[Work], _done: asyncio.Task[None]
+    held: dict[tuple[int, str], asyncio.Task[None]], unit: list[Work], done: asyncio.Task[None]
 ) -> None:
     for work in unit:
-        held.pop(_key(work.entry), None)
+        if held.get(key := _key(work.entry)) is done:  # not a later unit's hold on it
+            del held[key]
