@@ -39,6 +39,30 @@ async def test_take_raises_the_generation_and_check_tells_stale_from_current(
     assert raised.value.partitions == [2, 3]
 
 
+# PostgreSQL only: on SQLite every write transaction waits for the one writer anyway.
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+async def test_a_worker_starts_while_another_ones_takeover_is_stalled(
+    fenced_engine: AsyncEngine,
+) -> None:
+    """A takeover raised partition 1's generation and stalls before committing (SIGSTOP). A
+    worker starting meanwhile finds every row in place and waits for nothing; before, its
+    INSERT ... ON CONFLICT waited on the stalled update until lock_timeout failed the start."""
+    async with fenced_engine.connect() as stalled:
+        await stalled.execute(
+            sa.update(fencing.partitions).where(fencing.partitions.c.partition == 1)
+            .values(generation=fencing.partitions.c.generation + 1)
+        )  # fmt: skip
+        starting = fenced_engine.execution_options(isolation_level="AUTOCOMMIT")
+        async with starting.connect() as connection:
+            await connection.execute(sa.text("SET lock_timeout = 1000"))
+            started = time.monotonic()
+            await fencing.ensure_partitions(connection, 4)
+            assert time.monotonic() - started < 0.5
+            await fencing.ensure_partitions(connection, 6)  # a larger P adds only its rows
+            assert await fencing.generations(connection) == {0: 0, 1: 0, 2: 0, 3: 0, 4: 0, 5: 0}
+        await stalled.rollback()
+
+
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 async def test_a_takeover_ends_a_paused_owners_transaction_within_the_bound(
     fenced_engine: AsyncEngine,

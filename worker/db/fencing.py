@@ -45,6 +45,9 @@ async def ensure_partitions(connection: AsyncConnection, count: int) -> None:
     """Create the table and a row for each of ``count`` partitions, where missing.
 
     Workers starting together may race here; a savepoint keeps the caller's transaction usable.
+    Only missing rows are inserted: an INSERT that meets an existing row waits for any
+    transaction updating it, so a worker starting while another one's takeover stalls (a
+    SIGSTOP between raising a generation and committing) would wait for that takeover too.
     """
     try:
         async with connection.begin_nested():
@@ -55,9 +58,11 @@ async def ensure_partitions(connection: AsyncConnection, count: int) -> None:
         )
         if not exists:
             raise
-    insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
-    rows = [{"partition": number, "generation": 0} for number in range(count)]
-    await connection.execute(insert(partitions).on_conflict_do_nothing(), rows)
+    present = set((await connection.execute(sa.select(partitions.c.partition))).scalars())
+    if missing := [number for number in range(count) if number not in present]:
+        insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+        rows = [{"partition": number, "generation": 0} for number in missing]
+        await connection.execute(insert(partitions).on_conflict_do_nothing(), rows)
 
 
 async def generations(connection: AsyncConnection) -> dict[int, int]:
