@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import types
 from typing import Any
 
 import pytest
@@ -16,6 +17,8 @@ from tests.conftest import REDIS_URL, WorkerFactory
 from tests.model_app import FIXED_NOW, Base
 from worker.client import UpdateClient
 from worker.job.models import Reply
+from worker.service import startup
+from worker.stream import deployment
 from worker.stream.client import connect
 from worker.stream.names import Names
 from worker.stream.reading import Reader
@@ -241,3 +244,32 @@ def test_reply_json_is_what_the_model_says() -> None:
     reply = Reply(id="x", status="ok", rowcount=2)
     assert json.loads(reply.encode()) == {"id": "x", "status": "ok", "rowcount": 2, "dry_run": False,
                                           "replayed": False, "attempts": 1, "duration_ms": 0.0, "worker": ""}  # fmt: skip
+
+
+async def test_a_helper_loop_ends_even_when_its_call_turns_the_cancel_into_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cancel that lands inside a client call may come out as another exception, which the
+    heartbeat logs and goes on from: cancelling alone left it beating, and a worker's close
+    waited for it for ever (seen once in CI). The stop event ends it at its next turn."""
+    calls = 0
+    beat = asyncio.Event()
+
+    async def announce(*_: object) -> None:
+        nonlocal calls
+        calls += 1
+        beat.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise ConnectionError("connection closed while reading") from None
+
+    monkeypatch.setattr(deployment, "announce", announce)
+    monkeypatch.setattr(deployment, "HEARTBEAT_S", 0.01)
+    stopping = asyncio.Event()
+    transport: Any = types.SimpleNamespace(redis=None, names=None)
+    beating = asyncio.create_task(startup._heartbeat(transport, "me", None, stopping))  # type: ignore[arg-type]
+    await asyncio.wait_for(beat.wait(), 5)  # inside its first call
+    await asyncio.wait_for(startup._stop([beating], stopping), 5)
+    assert beating.done()
+    assert calls == 1

@@ -61,8 +61,8 @@ async def open_worker(settings: Settings) -> AsyncIterator[Worker]:
         metrics=metrics,
     )
     endpoints: asyncio.Server | None = None
-    pruning: asyncio.Task[None] | None = None
-    heartbeat: asyncio.Task[None] | None = None
+    helpers: list[asyncio.Task[None]] = []
+    stopping = asyncio.Event()  # ends the helpers' loops; cancelling alone may not (below)
     served = False
     try:
         async with engine.begin() as connection:
@@ -107,20 +107,17 @@ async def open_worker(settings: Settings) -> AsyncIterator[Worker]:
             log.info("metrics on :%d (/metrics, /healthz, /readyz)", settings.metrics_port)
         retention = parse_duration(settings.ledger_retention)
         if retention:
-            pruning = asyncio.create_task(_prune_ledger(engine, retention), name="ledger prune")
+            helpers.append(asyncio.create_task(_prune_ledger(engine, retention, stopping),
+                                               name="ledger prune"))  # fmt: skip
         worker = _wire(settings, engine, transport, executor, schema, recovery, metrics)
         offered = deployment.offer(schema, worker.policy, max_job_bytes=settings.max_job_bytes)
         await _compare(transport, settings.consumer, offered)
-        heartbeat = asyncio.create_task(_heartbeat(transport, settings.consumer, offered),
-                                        name="deployment heartbeat")  # fmt: skip
+        beating = _heartbeat(transport, settings.consumer, offered, stopping)
+        helpers.append(asyncio.create_task(beating, name="deployment heartbeat"))
         yield worker
         served = True
     finally:
-        for task in (pruning, heartbeat):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await _stop(helpers, stopping)
         if endpoints is not None:
             endpoints.close()
         if served:
@@ -188,11 +185,33 @@ async def _record_partitions(transport: Transport, partitions: int) -> None:
         )
 
 
-async def _prune_ledger(engine: AsyncEngine, retention: dt.timedelta) -> None:
+async def _stop(helpers: list[asyncio.Task[None]], stopping: asyncio.Event) -> None:
+    """End the helper loops. The event ends each at its next turn; a cancel cuts short a call
+    in progress. Both, because a cancel that lands inside a client call can come out as another
+    exception (the loop logs it and goes on), and the event alone waits out a slow call."""
+    stopping.set()
+    for task in helpers:
+        task.cancel()
+    if helpers:
+        _, late = await asyncio.wait(helpers, timeout=_CLOSE_WAIT_S)
+        if late:
+            log.warning("%s still running after %.0f s; left behind",
+                        ", ".join(task.get_name() for task in late), _CLOSE_WAIT_S)  # fmt: skip
+
+
+async def _paused(stopping: asyncio.Event, seconds: float) -> bool:
+    """Wait ``seconds``, or less when stopping; True once stopping."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stopping.wait(), seconds)
+    return stopping.is_set()
+
+
+async def _prune_ledger(
+    engine: AsyncEngine, retention: dt.timedelta, stopping: asyncio.Event
+) -> None:
     """Every hour or so (jittered, so a fleet does not prune in step), drop ledger rows older
     than the retention: the ledger must not grow forever."""
-    while True:
-        await asyncio.sleep(random.uniform(0.5, 1.0) * _PRUNE_EVERY_S)  # noqa: S311 - jitter
+    while not await _paused(stopping, random.uniform(0.5, 1.0) * _PRUNE_EVERY_S):  # noqa: S311 - jitter
         try:
             if removed := await ledger.prune(engine, older_than=retention):
                 log.info("ledger: pruned %d row(s) older than %s", removed, retention)
@@ -210,9 +229,10 @@ async def _compare(transport: Transport, consumer: str, offered: deployment.Offe
         log.warning("deployment: %s; jobs would be answered by whichever reads them", line)
 
 
-async def _heartbeat(transport: Transport, consumer: str, offered: deployment.Offer) -> None:
-    while True:
-        await asyncio.sleep(deployment.HEARTBEAT_S)
+async def _heartbeat(
+    transport: Transport, consumer: str, offered: deployment.Offer, stopping: asyncio.Event
+) -> None:
+    while not await _paused(stopping, deployment.HEARTBEAT_S):
         try:
             await deployment.announce(transport.redis, transport.names, consumer, offered)
         except Exception as error:  # noqa: BLE001 - logged; the next beat tries again
