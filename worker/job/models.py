@@ -153,9 +153,7 @@ def parse_entry(
             entry_id, None, f"job is {len(raw)} bytes, over WORKER_MAX_JOB_BYTES={max_job_bytes}"
         )
     try:
-        document = json.loads(
-            raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant
-        )
+        document = _DECODER.decode(raw.decode("utf-8"))
     except UnicodeDecodeError:
         return _dead(entry_id, None, "job is not UTF-8")
     except RecursionError:
@@ -271,6 +269,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+#: Built once: ``json.loads`` with hooks builds a decoder at every call.
+_DECODER: Final = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_no_constant)
 
 
 def _summarize(error: ValidationError) -> str:

@@ -59,4 +59,6 @@ def partition_of_raw(raw: bytes, *, fallback: str, partitions: int) -> int:
 def _part(value: Any) -> str:
     if isinstance(value, str):
         return value
+    if type(value) is int:  # its compact JSON, without json.dumps's cost (bool is not int here)
+        return str(value)
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
