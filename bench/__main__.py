@@ -14,146 +14,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import json
 import os
 import platform
-import random
-import statistics
 import subprocess
-import sys
-import tempfile
-import time
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-import asyncpg
-import psutil
-import sqlalchemy as sa
-from redis.asyncio import Redis
-from sqlalchemy.ext.asyncio import create_async_engine
+from bench.drain import drain_limit, drain_ours
+from bench.ours import REDIS_URL, ROOT, ROWS, Ours, database, prepare, run_memory, run_ours
 
-ROWS = 10_000
-ROOT = Path(__file__).resolve().parent.parent
-REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-POSTGRES_ADMIN = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 ANCHORS = ("arq", "saq", "taskiq")
 
 
-async def prepare(database_url: str) -> None:
-    engine = create_async_engine(database_url)
-    async with engine.begin() as connection:
-        await connection.execute(sa.text("DROP TABLE IF EXISTS counters"))
-        await connection.execute(sa.text("DROP TABLE IF EXISTS update_worker_ledger"))
-        await connection.execute(
-            sa.text("CREATE TABLE counters (id integer PRIMARY KEY, n integer NOT NULL)")
-        )
-        await connection.execute(
-            sa.text("INSERT INTO counters (id, n) VALUES (:id, 0)"),
-            [{"id": i} for i in range(1, ROWS + 1)],
-        )
-    await engine.dispose()
-
-
-class Ours:
-    """update-worker processes on one stream, and a producer listening on the reply channel."""
-
-    def __init__(self, database_url: str, *, processes: int = 1) -> None:
-        self.prefix = f"bench-{uuid.uuid4().hex[:8]}"
-        self.channel = f"{self.prefix}:replies"
-        env = {**os.environ, "WORKER_DATABASE_URL": database_url, "WORKER_REDIS_URL": REDIS_URL,
-               "WORKER_PREFIX": self.prefix, "WORKER_LOG_LEVEL": "WARNING"}  # fmt: skip
-        self.workers = [
-            subprocess.Popen([sys.executable, "-m", "worker", "run"], env=env, cwd=ROOT)
-            for _ in range(processes)
-        ]
-        self.redis = Redis.from_url(REDIS_URL)
-        self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        self.sent = 0
-
-    async def __aenter__(self) -> Ours:
-        await self.pubsub.subscribe(self.channel)
-        await self.roundtrip()  # warm-up: the workers are up
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        for worker in self.workers:
-            worker.terminate()
-        for worker in self.workers:
-            worker.wait(60)
-        await self.pubsub.aclose()  # type: ignore[no-untyped-call]
-        keys = [key async for key in self.redis.scan_iter(match=f"{self.prefix}:*", count=5000)]
-        keys += [f"{{{self.prefix}:jobs}}:mover", f"{{{self.prefix}:jobs}}:mover-generation"]
-        for start in range(0, len(keys), 1000):
-            await self.redis.delete(*keys[start : start + 1000])
-        await self.redis.aclose()
-
-    def job(self) -> str:
-        self.sent += 1
-        return json.dumps({"id": f"j-{self.sent}", "table": "counters", "inc": {"n": 1},
-                           "key": {"id": random.randint(1, ROWS)}, "reply_to": self.channel})  # fmt: skip
-
-    async def throughput(self, jobs: int) -> float:
-        started = time.perf_counter()
-        for chunk in range(0, jobs, 500):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for _ in range(min(500, jobs - chunk)):
-                    pipe.xadd(f"{self.prefix}:jobs", {"job": self.job()})
-                await pipe.execute()
-        for received in range(jobs):
-            if await self.next_reply(timeout=60) is None:
-                raise RuntimeError(f"only {received} of {jobs} replies")
-        return jobs / (time.perf_counter() - started)
-
-    async def roundtrip(self) -> float:
-        started = time.perf_counter()
-        await self.redis.xadd(f"{self.prefix}:jobs", {"job": self.job()})
-        if await self.next_reply(timeout=60) is None:
-            raise RuntimeError("no reply")
-        return (time.perf_counter() - started) * 1000
-
-    async def next_reply(self, *, timeout: float) -> Any:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            if (message := await self.pubsub.get_message(timeout=left)) is not None:
-                return message
-        return None
-
-    def rss_mb(self) -> float:
-        rss = sum(psutil.Process(worker.pid).memory_info().rss for worker in self.workers)
-        return float(rss) / 2**20
-
-
-async def run_ours(
-    database_url: str, *, jobs: int, sequential: int, processes: int = 1
+def run_anchor(
+    name: str, database_url: str, *, jobs: int, sequential: int, drain: int = 0
 ) -> dict[str, Any]:
-    await prepare(database_url)
-    async with Ours(database_url, processes=processes) as ours:
-        throughput = await ours.throughput(jobs)
-        latencies = [await ours.roundtrip() for _ in range(sequential)]
-    return {"throughput": throughput, **percentiles(latencies)}
-
-
-async def run_memory(database_url: str, *, first: int, total: int) -> dict[str, float]:
-    await prepare(database_url)
-    async with Ours(database_url) as ours:
-        await ours.throughput(first)
-        early = ours.rss_mb()
-        for _ in range((total - first) // 10_000):
-            await ours.throughput(10_000)
-        return {"rss_mb_after_first": early, "rss_mb_after_total": ours.rss_mb()}
-
-
-def run_anchor(name: str, database_url: str, *, jobs: int, sequential: int) -> dict[str, Any]:
     python = ROOT / f".venv-bench-{name}" / "bin" / "python"
     if not python.exists():
         raise SystemExit(f"{python} is missing: run `make bench`, which installs the anchors")
     command = [str(python), "-m", "bench.anchors", name, "--database-url", database_url,
                "--redis-url", REDIS_URL, "--prefix", f"anchor-{uuid.uuid4().hex[:8]}",
-               "--jobs", str(jobs), "--sequential", str(sequential)]  # fmt: skip
+               "--jobs", str(jobs), "--sequential", str(sequential), "--drain", str(drain)]  # fmt: skip
     done = subprocess.run(
         command, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False
     )
@@ -162,36 +45,18 @@ def run_anchor(name: str, database_url: str, *, jobs: int, sequential: int) -> d
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-def percentiles(latencies: list[float]) -> dict[str, float]:
-    return {"p50": statistics.median(latencies), "p99": statistics.quantiles(latencies, n=100)[98]}
-
-
-@contextlib.asynccontextmanager
-async def database(backend: str) -> AsyncIterator[str]:
-    """A throwaway database, removed afterwards."""
-    if backend == "sqlite":
-        with tempfile.TemporaryDirectory() as directory:
-            yield f"sqlite+aiosqlite:///{directory}/bench.db"
-        return
-    name = f"update_worker_bench_{uuid.uuid4().hex[:6]}"
-    admin = await asyncpg.connect(POSTGRES_ADMIN)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        base = POSTGRES_ADMIN.replace("postgresql://", "postgresql+asyncpg://").rsplit("/", 1)[0]
-        yield f"{base}/{name}"
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser(prog="make bench")
     parser.add_argument("--jobs", type=int, default=5000)
     parser.add_argument("--sequential", type=int, default=300)
     parser.add_argument("--memory-jobs", type=int, default=200_000)
     parser.add_argument(
-        "--skip", nargs="*", default=[], help="parts to skip: anchors sqlite scaling memory"
+        "--skip",
+        nargs="*",
+        default=[],
+        help="parts to skip: drain anchors sqlite scaling memory",
     )
+    parser.add_argument("--drain-jobs", type=int, default=60_000)
     args = parser.parse_args()
     print(f"update-worker bench, {dt.date.today()}: {platform.node()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}, Redis and PostgreSQL on this machine")  # fmt: skip
@@ -199,6 +64,8 @@ async def main() -> None:
           f"jobs until every result is in; latency: {args.sequential} sequential round trips")  # fmt: skip
     print("update-worker: default settings, exactly-once ledger on; anchors: one worker process, "
           "10 concurrent jobs\n")  # fmt: skip
+    if "drain" not in args.skip:
+        await run_drains(args)
     rows: list[dict[str, Any]] = []
     async with database("postgresql") as url:
         rows.append(
@@ -247,6 +114,48 @@ async def main() -> None:
 
     picture = plot(rows, scaling, ROOT / "docs" / "benchmark.png")
     print(f"\nwrote {picture.relative_to(ROOT)}")
+
+
+async def run_drains(args: argparse.Namespace) -> None:
+    """The drains: each system's one worker process empties its own pre-filled queue."""
+    jobs = args.drain_jobs
+    print(f"drain: one worker process empties a queue pre-filled with {jobs:,} jobs; CPU per "
+          "job from /proc (worker process, Redis server, every PostgreSQL process)")  # fmt: skip
+    found: list[dict[str, Any]] = []
+    async with database("postgresql") as url:
+        await prepare(url)
+        found.append({"system": "limit (bench/limit.py)",
+                      **await drain_limit(url, REDIS_URL, jobs)})  # fmt: skip
+        for direct, how in ((False, "ingest"), (True, "partitions")):
+            await prepare(url)
+            async with Ours(url) as ours:
+                found.append({"system": f"update-worker, {how}",
+                              **await drain_ours(ours, jobs, direct=direct)})  # fmt: skip
+        for name in () if "anchors" in args.skip else ANCHORS:
+            await prepare(url)
+            found.append(await asyncio.to_thread(run_anchor, name, url, jobs=0, sequential=0,
+                                                 drain=jobs))  # fmt: skip
+    if "sqlite" not in args.skip:
+        async with database("sqlite") as url:
+            await prepare(url)
+            async with Ours(url) as ours:
+                found.append({"system": "update-worker (SQLite), ingest",
+                              **await drain_ours(ours, jobs, direct=False)})  # fmt: skip
+    limit = found[0]["throughput"]
+    print(f"{'system':<34}{'jobs/s':>8}{'of limit':>10}{'worker':>9}{'redis':>8}{'postgres':>10}"
+          "  (µs of CPU per job)")  # fmt: skip
+    for row in found:
+        cpu = "".join(f"{row[key]:>{width}.0f}" if key in row else f"{'-':>{width}}"
+                      for key, width in (("worker_us", 9), ("redis_us", 8), ("postgres_us", 10)))  # fmt: skip
+        print(
+            f"{row['system']:<34}{row['throughput']:>8,.0f}{row['throughput'] / limit:>10.0%}{cpu}"
+        )
+    by_system = {row["system"]: row["throughput"] for row in found}
+    if "arq" in by_system:
+        print(
+            f"update-worker (ingest) / arq: {by_system['update-worker, ingest'] / by_system['arq']:.1f}x"
+        )
+    print()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 ``python -m bench.anchors SYSTEM --database-url URL --redis-url URL --jobs N --sequential M``
 starts one worker process of SYSTEM (arq, saq or taskiq) with 10 concurrent jobs, produces
-from this process, and prints one JSON line: throughput, p50 and p99. The job: +1 on one of
+from this process, and prints one JSON line: throughput, p50 and p99. With ``--drain N``, it
+measures a drain of N jobs pre-filled into the anchor's own queue instead: jobs/s, and the
+worker's CPU per job (from /proc). The job: +1 on one of
 10,000 rows by primary key through a SQLAlchemy AsyncSession. No exactly-once ledger: the
 anchors have none.
 """
@@ -14,6 +16,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -23,6 +26,8 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+
+from bench.procstat import Meter
 
 ROWS = 10_000
 BUMP = sa.text("UPDATE counters SET n = n + 1 WHERE id = :id")
@@ -193,6 +198,43 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def drain(args: argparse.Namespace) -> dict[str, Any]:
+    """The anchor's own queue pre-filled with ``--drain`` jobs while its worker is stopped
+    (SIGSTOP), then timed from the resume until every job applied; its worker's CPU per job."""
+    command = [sys.executable, "-m", "bench.anchors", args.system, "--worker",
+               "--database-url", args.database_url, "--redis-url", args.redis_url,
+               "--prefix", args.prefix, "--concurrency", str(args.concurrency)]  # fmt: skip
+    worker = start(command)
+    engine = create_async_engine(args.database_url)
+    try:
+        submit = await SYSTEMS[args.system][1](args)
+        await asyncio.wait_for(await submit(1), 60)  # warm-up: the worker is up
+        target = await applied(engine) + args.drain
+        os.kill(worker.pid, signal.SIGSTOP)
+        try:
+            for chunk in range(0, args.drain, 100):  # the results are not awaited: closed
+                size = min(100, args.drain - chunk)
+                for result in await asyncio.gather(
+                    *(submit(random.randint(1, ROWS)) for _ in range(size))
+                ):
+                    result.close()
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
+        meter = Meter(pids={"worker": [worker.pid]})
+        meter.start()
+        started = time.perf_counter()
+        while await applied(engine) < target:  # noqa: ASYNC110 - polling is the measurement
+            await asyncio.sleep(0.02)
+        elapsed = time.perf_counter() - started
+        cpu = meter.stop()
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        await engine.dispose()
+    return {"system": args.system, "jobs": args.drain, "throughput": args.drain / elapsed,
+            "worker_us": cpu["worker"] / args.drain * 1e6}  # fmt: skip
+
+
 def start(command: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, stdout=subprocess.DEVNULL)
 
@@ -212,11 +254,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=5000)
     parser.add_argument("--sequential", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--drain", type=int, default=0, help="measure a drain of N jobs instead")
     args = parser.parse_args()
     if args.worker:
         SYSTEMS[args.system][0](args)
         return
-    print(json.dumps(asyncio.run(measure(args))))
+    print(json.dumps(asyncio.run(drain(args) if args.drain else measure(args))))
 
 
 if __name__ == "__main__":
