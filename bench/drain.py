@@ -25,6 +25,7 @@ from bench.procstat import Meter
 from worker.job.order import partition_of
 
 POLL_S = 0.02
+DEADLINE_S = 600
 CHUNK = 1000
 
 
@@ -44,14 +45,17 @@ async def fill(redis: Redis, jobs: list[str], stream_of: Callable[[str], str]) -
 
 
 async def until_empty(redis: Redis, streams: list[str]) -> None:
-    """Until every stream is empty: workers XDEL an entry once its reply is stored and acked."""
-    while True:
+    """Until every stream is empty: workers XDEL an entry once its reply is stored and acked.
+    Fails after ``DEADLINE_S``: a drain that never ends is a result, not a wait."""
+    deadline = time.perf_counter() + DEADLINE_S
+    while time.perf_counter() < deadline:
         async with redis.pipeline(transaction=False) as pipe:
             for stream in streams:
                 pipe.xlen(stream)
             if not any(await pipe.execute()):
                 return
         await asyncio.sleep(POLL_S)
+    raise RuntimeError(f"{streams[0]} and its partitions still hold entries after {DEADLINE_S} s")
 
 
 async def measure(
