@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -21,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -163,7 +164,12 @@ SYSTEMS = {
 }
 
 
-async def measure(args: argparse.Namespace) -> dict[str, Any]:
+@contextlib.asynccontextmanager
+async def running(
+    args: argparse.Namespace,
+) -> AsyncIterator[tuple[subprocess.Popen[bytes], Any, Callable[[int], Awaitable[Any]]]]:
+    """The anchor's worker process, up (it answered a first job): the process, an engine on
+    the benchmark's database, and the producer's submit."""
     command = [sys.executable, "-m", "bench.anchors", args.system, "--worker",
                "--database-url", args.database_url, "--redis-url", args.redis_url,
                "--prefix", args.prefix, "--concurrency", str(args.concurrency)]  # fmt: skip
@@ -172,6 +178,15 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     try:
         submit = await SYSTEMS[args.system][1](args)
         await asyncio.wait_for(await submit(1), 60)  # warm-up: the worker is up
+        yield worker, engine, submit
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        await engine.dispose()
+
+
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    async with running(args) as (_, engine, submit):
         target = await applied(engine) + args.jobs
         started = time.perf_counter()
         waits: list[Awaitable[Any]] = []
@@ -188,10 +203,6 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             started = time.perf_counter()
             await (await submit(random.randint(1, ROWS)))
             latencies.append((time.perf_counter() - started) * 1000)
-    finally:
-        worker.terminate()
-        worker.wait(30)
-        await engine.dispose()
     return {
         "system": args.system,
         "throughput": throughput,
@@ -203,14 +214,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 async def drain(args: argparse.Namespace) -> dict[str, Any]:
     """The anchor's own queue pre-filled with ``--drain`` jobs while its worker is stopped
     (SIGSTOP), then timed from the resume until every job applied; its worker's CPU per job."""
-    command = [sys.executable, "-m", "bench.anchors", args.system, "--worker",
-               "--database-url", args.database_url, "--redis-url", args.redis_url,
-               "--prefix", args.prefix, "--concurrency", str(args.concurrency)]  # fmt: skip
-    worker = start(command)
-    engine = create_async_engine(args.database_url)
-    try:
-        submit = await SYSTEMS[args.system][1](args)
-        await asyncio.wait_for(await submit(1), 60)  # warm-up: the worker is up
+    async with running(args) as (worker, engine, submit):
         target = await applied(engine) + args.drain
         os.kill(worker.pid, signal.SIGSTOP)
         try:
@@ -232,10 +236,6 @@ async def drain(args: argparse.Namespace) -> dict[str, Any]:
                 last, moved = done, time.perf_counter()
         elapsed = moved - started  # until the last job applied
         cpu = meter.stop()
-    finally:
-        worker.terminate()
-        worker.wait(30)
-        await engine.dispose()
     jobs = args.drain - (target - done)  # a job its worker never applied is not counted
     return {"system": args.system, "jobs": jobs, "missing": target - done,
             "throughput": jobs / elapsed, "worker_us": cpu["worker"] / jobs * 1e6}  # fmt: skip
