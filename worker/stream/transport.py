@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
 
 from redis.asyncio import Redis
@@ -121,9 +121,7 @@ class Transport:
         async def once() -> None:
             await run_each(self.redis, self._reply, [(keys, args)])
 
-        await retry_transient(once, attempts=self._write_attempts, backoff=REDIS_BACKOFF,
-                              what=f"{len(answers)} repl(y/ies), {answers[0][1].id} first",
-                              retried=self._metrics.retried)  # fmt: skip
+        await self._retried(once, what=f"{len(answers)} repl(y/ies), {answers[0][1].id} first")
 
     async def dead_letter(
         self,
@@ -185,6 +183,9 @@ class Transport:
                 commands(pipe)
                 await pipe.execute()
 
+        await self._retried(once, what=what)
+
+    async def _retried(self, once: Callable[[], Awaitable[None]], *, what: str) -> None:
         await retry_transient(once, attempts=self._write_attempts, backoff=REDIS_BACKOFF, what=what,
                               retried=self._metrics.retried)  # fmt: skip
 
