@@ -22,6 +22,7 @@ from worker.db.schema import Schema, build_schema, load_models, reflect_schema
 from worker.errors import SettingsError, classify
 from worker.ops import admin
 from worker.ops.metrics import Metrics, Probes, serve_http
+from worker.service import heap
 from worker.service.answers import Answers
 from worker.service.loop import Worker
 from worker.service.ownership import Ownership
@@ -274,4 +275,5 @@ async def serve(settings: Settings, *, burst: bool = False) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     async with open_worker(settings) as worker:
+        heap.settle()  # this process is the worker's alone: tests' in-process workers skip it
         await worker.run(stop, burst=burst)
