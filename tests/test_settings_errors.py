@@ -29,7 +29,7 @@ def test_settings_come_from_the_given_mapping_only() -> None:
 def test_flags_override_the_environment() -> None:
     settings = load_settings({"WORKER_CONCURRENCY": "3"}, {"concurrency": "5", "batch_size": None})
     assert settings.concurrency == 5
-    assert settings.batch_size == 100
+    assert settings.batch_size == 400
 
 
 @pytest.mark.parametrize(

@@ -63,9 +63,9 @@ class Settings(BaseSettings):
         8, ge=1, le=1024, description="transactions run at once (and the database pool size)"
     )
     group_size: int = Field(
-        50, ge=1, le=1000, description="most single-row jobs committed in one transaction"
+        200, ge=1, le=1000, description="most single-row jobs committed in one transaction"
     )
-    batch_size: int = Field(100, ge=1, le=10_000, description="entries read per XREADGROUP")
+    batch_size: int = Field(400, ge=1, le=10_000, description="entries read per XREADGROUP")
     block_ms: int = Field(2000, ge=1, le=60_000, description="how long one XREADGROUP blocks")
     result_ttl: int = Field(86_400, ge=1, description="seconds a reply stays under its result key")
     partitions: int = Field(
