@@ -130,6 +130,9 @@ class Worker:
                     task.add_done_callback(tasks.discard)
                     held.update(dict.fromkeys((_key(work.entry) for work in unit), task))
                     task.add_done_callback(functools.partial(_forget, held, unit))
+                # Let the new units send their first statement before the next read goes out:
+                # a lone job's reply comes ~0.15 ms sooner.
+                await asyncio.sleep(0)
         finally:
             await self._drain(tasks)
             helpers.set()
