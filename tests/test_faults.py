@@ -93,6 +93,7 @@ class Figures:
     kills: int = 0
     redis_restarts: int = 0
     backend_terminations: int = 0
+    takeovers: int = 0
     effects_applied: int = 0
     lost: int = 0
     doubled: int = 0
@@ -374,6 +375,7 @@ async def test_sigkill_redis_crash_and_backend_kills_lose_nothing_and_double_not
     figures.kills = workers.kills
     figures.redis_restarts = private_redis.restarts
     figures.replies_seen = counter.seen
+    figures.takeovers = len(workers.matches(r"taken over \(generation"))
     figures.entries_reclaimed = sum(map(int, workers.matches(r"generation \d+, (\d+) pending")))
     figures.database_retries = len(workers.matches(r"attempt \d+ of \d+; retrying"))
     figures.redis_retries = len(workers.matches(r"failed \(.*\), try \d+ of|reading jobs failed"))
