@@ -20,8 +20,9 @@ from worker.db.groups import groupable
 from worker.db.ledger import ensure_ledger, ledger
 from worker.db.schema import Schema, reflect_schema
 from worker.errors import Fenced
-from worker.job.compiler import Plan, compile_job
+from worker.job.compiler import compile_job
 from worker.job.models import Job, Reply, parse_entry
+from worker.job.plans import Plan
 
 
 @pytest.fixture

@@ -22,8 +22,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from tests.test_compiler import job, schema
 from worker.errors import WorkerError
-from worker.job.compiler import Policy, compile_job
+from worker.job.compiler import compile_job
 from worker.job.models import MAX_COLUMNS_PER_UPDATE, Job, parse_entry
+from worker.job.plans import Policy
 
 #: How many jobs the property test generates; `make test` runs the default.
 EXAMPLES = int(os.environ.get("HOSTILE_JOBS", "10000"))

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from worker.errors import WorkerError
-from worker.job.compiler import Statement
 from worker.job.models import Job, Reply, UpdateResult
+from worker.job.plans import Statement
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,8 +34,8 @@ from worker.errors import (
     WorkerError,
     classify,
 )
-from worker.job.compiler import Plan, Statement
 from worker.job.models import Job, Reply, UpdateResult
+from worker.job.plans import Plan, Statement
 from worker.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)

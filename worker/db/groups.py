@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from worker.db import bulk, fencing, ledger
 from worker.db.attempts import Attempt
 from worker.errors import Fenced, Unavailable, WorkerError
-from worker.job.compiler import Plan
 from worker.job.models import Job, Reply
+from worker.job.plans import Plan
 
 if TYPE_CHECKING:
     from worker.db.executor import Executor, Fences

@@ -28,8 +28,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from worker.db.fencing import partitions
 from worker.db.ledger import LEDGER_PRIMARY_KEY, ledger
 from worker.errors import Fenced
-from worker.job.compiler import Plan, Statement
 from worker.job.models import Job
+from worker.job.plans import Plan, Statement
 
 #: Execution options of the sessions this path runs in: no BEGIN, no COMMIT; the statement
 #: is its own transaction.

@@ -8,102 +8,24 @@ column's type.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.sql.elements import ColumnElement
 
-from worker.errors import ExpectationFailed, InvalidJob, MissingFilter, WorkerError
+from worker.errors import InvalidJob, MissingFilter, WorkerError
+from worker.job import shapes
 from worker.job.conditions import is_numeric, where_condition
-from worker.job.models import Expect, Job, UpdateResult, UpdateSpec
-from worker.job.values import bind_type, coerce, to_json
+from worker.job.models import Expect, Job, UpdateSpec
+from worker.job.plans import DEFAULT_POLICY, Guards, Plan, Policy, Statement
+from worker.job.values import bind_type, coerce
 
 if TYPE_CHECKING:
     from worker.db.schema import Schema, TableRules
 
 
-@dataclass(frozen=True, slots=True)
-class Guards:
-    """The ``expect`` row-count guards, checked inside the transaction."""
-
-    rows: int | None = None
-    min_rows: int | None = None
-    max_rows: int | None = None
-    #: ``max_rows`` is WORKER_MAX_ROWS_DEFAULT's, not the job's: a refusal by it is this
-    #: worker's setting speaking, so it is replied but not recorded.
-    max_rows_by_policy: bool = False
-
-    def violation(self, rowcount: int) -> str | None:
-        if self.rows is not None and rowcount != self.rows:
-            return f"expected exactly {self.rows} row(s), matched {rowcount}"
-        if self.min_rows is not None and rowcount < self.min_rows:
-            return f"expected at least {self.min_rows} row(s), matched {rowcount}"
-        if self.max_rows is not None and rowcount > self.max_rows:
-            cap = " (WORKER_MAX_ROWS_DEFAULT)" if self.max_rows_by_policy else ""
-            return f"expected at most {self.max_rows} row(s){cap}, matched {rowcount}"
-        return None
-
-    def refusal(self, rowcount: int, *, label: str) -> ExpectationFailed | None:
-        """The error for ``rowcount``, or None when the guards accept it."""
-        violation = self.violation(rowcount)
-        if violation is None:
-            return None
-        by_policy = self.max_rows_by_policy and violation.startswith("expected at most")
-        return ExpectationFailed(f"{label}: {violation}; rolled back", recorded=not by_policy)
-
-
-@dataclass(frozen=True, slots=True)
-class Statement:
-    table: str
-    update: sa.Update
-    returns_rows: bool
-    guards: Guards
-    #: ``(table, *primary key values)`` when the statement touches one row by its key: the
-    #: order in which group commits take row locks, so concurrent groups never deadlock.
-    row: tuple[Any, ...] | None = None
-    #: Values for the statement's bound parameters (a cached, shared statement needs them).
-    params: Mapping[str, Any] = field(default_factory=dict)
-    #: For a one-row-by-key statement: ``(table, sets, incs, keys, returning)`` column names,
-    #: so that jobs of one shape can also run as one UPDATE ... FROM (VALUES ...).
-    shape: tuple[Any, ...] | None = None
-
-    def outcome(
-        self,
-        rowcount: int,
-        rows: Sequence[Mapping[Any, Any]] | None,
-        *,
-        max_returning: int,
-        label: str,
-    ) -> UpdateResult:
-        """The statement's result from what the database said (``rows`` when it returns
-        rows), or :class:`ExpectationFailed` when its guards refuse the row count."""
-        if refusal := self.guards.refusal(rowcount, label=label):
-            raise refusal
-        returning = None
-        if rows is not None:
-            returning = [{name: to_json(value) for name, value in row.items()}
-                         for row in rows[:max_returning]]  # fmt: skip
-        return UpdateResult(rowcount=rowcount, returning=returning)
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    """Deployment-wide rules on top of each job's own (DESIGN.md §6)."""
-
-    #: ``WORKER_MAX_ROWS_DEFAULT``: the ``expect.max_rows`` of a job that sets no cap itself.
-    max_rows_default: int | None = None
-    #: ``WORKER_ALLOW_ALL``: whether ``"all": true`` (no filter at all) is accepted.
-    allow_all: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    statements: tuple[Statement, ...]
-
-
-def compile_job(job: Job, schema: Schema, policy: Policy = Policy()) -> Plan:
+def compile_job(job: Job, schema: Schema, policy: Policy = DEFAULT_POLICY) -> Plan:
     """Compile every update of ``job``; a batch's errors name the failing update."""
     statements = []
     for index, spec in enumerate(job.updates):
@@ -117,8 +39,10 @@ def compile_job(job: Job, schema: Schema, policy: Policy = Policy()) -> Plan:
     return Plan(tuple(statements))
 
 
-def compile_update(spec: UpdateSpec, schema: Schema, policy: Policy = Policy()) -> Statement:
+def compile_update(spec: UpdateSpec, schema: Schema, policy: Policy = DEFAULT_POLICY) -> Statement:
     rules = schema.rules(spec.table)
+    if spec.key is not None and (known := shapes.known(spec, rules, policy)) is not None:
+        return known
     if spec.all_rows and not policy.allow_all:
         raise MissingFilter(
             f"`all: true` is refused here (WORKER_ALLOW_ALL=false): give `{spec.table}` a "
@@ -147,7 +71,7 @@ def compile_update(spec: UpdateSpec, schema: Schema, policy: Policy = Policy()) 
             **{f"i{index}": incs[name] for index, name in enumerate(shape[1])},
             **{f"k{index}": key[name] for index, name in enumerate(keys)},
         }
-        return Statement(
+        return shapes.remember(spec, rules, policy, Statement(
             table=spec.table,
             update=_by_key(rules.table, *shape),
             returns_rows=bool(returning),
@@ -161,7 +85,7 @@ def compile_update(spec: UpdateSpec, schema: Schema, policy: Policy = Policy()) 
             row=(spec.table, *(key[name] for name in keys)),
             params=params,
             shape=(rules.table, *shape),
-        )
+        ))  # fmt: skip
 
     if spec.where is not None:
         condition: ColumnElement[bool] | None = where_condition(spec.where, rules)

@@ -20,7 +20,7 @@ from redis.exceptions import ResponseError
 from worker.db.executor import Executor
 from worker.db.schema import Schema
 from worker.errors import classify
-from worker.job.compiler import Policy
+from worker.job.plans import Policy
 from worker.ops.metrics import Metrics
 from worker.service.answers import SUMMARY_S, Answers
 from worker.service.lanes import Lanes

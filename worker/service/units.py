@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from worker.db.groups import groupable
 from worker.db.schema import Schema
 from worker.errors import WorkerError
-from worker.job.compiler import Plan, Policy, compile_job
+from worker.job.compiler import compile_job
 from worker.job.models import Job, Rejection, parse_entry
+from worker.job.plans import Plan, Policy
 from worker.stream.names import Entry
 
 

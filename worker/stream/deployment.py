@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from redis.asyncio import Redis
 
-from worker.job.compiler import Policy
+from worker.job.plans import Policy
 from worker.stream.names import Names, text
 
 if TYPE_CHECKING:
