@@ -22,7 +22,6 @@ from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from worker.job.compiler import key_update
@@ -79,13 +78,13 @@ async def _update(
         # Rows past the batch are all NULL: a NULL key matches no row.
         params |= {f"{name}_{row}": None for row in range(len(batch), size)
                    for name in batch[0].params}  # fmt: skip
-    found: dict[tuple[Any, ...], RowMapping] = {}
-    for updated in (await session.execute(update, params)).mappings():
-        found[tuple(updated[f"_k{index}"] for index in range(len(keys)))] = updated
+    # Each row returned: the key (_k0, _k1, ...), then the `returning` columns.
+    width = len(keys)
+    found = {tuple(row[:width]): row for row in await session.execute(update, params)}
     results = []
     for statement in batch:
         match = found.get(_row(statement)[1:])
-        rows = [] if match is None else [{name: match[name] for name in returning}]
+        rows = [] if match is None else [dict(zip(returning, match[width:], strict=True))]
         results.append(
             statement.outcome(len(rows), rows if statement.returns_rows else None,
                               max_returning=max_returning, label=statement.table)

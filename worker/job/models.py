@@ -215,12 +215,18 @@ class ErrorInfo(BaseModel):
 
 
 class UpdateResult(BaseModel):
+    # Frozen: results are shared (see plans.Statement.outcome), and frozen models build faster.
+    model_config = ConfigDict(frozen=True)
+
     rowcount: int
     returning: list[dict[str, Any]] | None = None
 
 
 class Reply(BaseModel):
-    """The reply JSON of DESIGN.md §4. Unknown fields are ignored, for forward compatibility."""
+    """The reply JSON of DESIGN.md §4. Unknown fields are ignored, for forward compatibility.
+    Frozen: a reply is made once and never changed (a replay is a copy)."""
+
+    model_config = ConfigDict(frozen=True)
 
     id: str
     status: Literal["ok", "error"]

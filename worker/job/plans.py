@@ -71,11 +71,17 @@ class Statement:
         rows), or :class:`ExpectationFailed` when its guards refuse the row count."""
         if refusal := self.guards.refusal(rowcount, label=label):
             raise refusal
-        returning = None
-        if rows is not None:
-            returning = [{name: to_json(value) for name, value in row.items()}
-                         for row in rows[:max_returning]]  # fmt: skip
+        if rows is None:
+            return (
+                _COUNTED[rowcount] if rowcount < len(_COUNTED) else UpdateResult(rowcount=rowcount)
+            )
+        returning = [{name: to_json(value) for name, value in row.items()}
+                     for row in rows[:max_returning]]  # fmt: skip
         return UpdateResult(rowcount=rowcount, returning=returning)
+
+
+#: The results of statements that return no rows and matched 0 or 1 (one-row jobs): built once.
+_COUNTED: Final = (UpdateResult(rowcount=0), UpdateResult(rowcount=1))
 
 
 @dataclass(frozen=True, slots=True)
