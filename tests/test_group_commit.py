@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from tests.tables import items
 from worker.db import fencing
 from worker.db.executor import Executor
 from worker.db.groups import groupable
-from worker.db.ledger import ensure_ledger, ledger
+from worker.db.ledger import ensure_ledger, ledger, record_many
 from worker.db.schema import Schema, reflect_schema
 from worker.errors import Fenced
 from worker.job.compiler import compile_job
@@ -258,3 +258,17 @@ async def test_a_fenced_group_applies_and_records_nothing(
     assert await quantities(engine) == [12, 2, 25, 5]
     again = await executor.execute_group(group, fences={0: 0, 1: generation})
     assert all(reply and reply.replayed for reply in again)  # found by the same statement
+
+
+async def test_the_ledger_insert_counts_only_the_ids_it_recorded(engine: AsyncEngine) -> None:
+    """A group learns that another delivery recorded one of its ids first from this count."""
+    async with engine.begin() as connection:
+        await ensure_ledger(connection)
+    async with AsyncSession(engine) as session, session.begin():
+        assert await record_many(session, [("taken", "h", "{}")]) == 1
+    rows = [("fresh-1", "h", "{}"), ("taken", "h", "{}"), ("fresh-2", "h", "{}")]
+    async with AsyncSession(engine) as session, session.begin():
+        assert await record_many(session, rows) == 2
+    async with engine.connect() as connection:
+        stored = await connection.execute(sa.select(ledger.c.job_id).order_by(ledger.c.job_id))
+        assert [job_id for (job_id,) in stored] == ["fresh-1", "fresh-2", "taken"]

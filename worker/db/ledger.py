@@ -83,20 +83,21 @@ async def record_many(session: AsyncSession, rows: list[tuple[str, str, str]]) -
             "replies": replies,
             "finished_at": _now(),
         }
-        inserted = await session.execute(_insert_unnested(), params)
-    else:
-        finished_at = _now()
-        params = [
-            {
-                "job_id": job_id,
-                "payload_hash": payload_hash,
-                "reply": reply,
-                "finished_at": finished_at,
-            }
-            for job_id, payload_hash, reply in rows
-        ]
-        # One cached statement, run as SQLAlchemy's "insertmanyvalues" batch.
-        inserted = await session.execute(_insert_many(dialect), params)
+        # Its row count ("INSERT 0 n"), not RETURNING: no row a job to fetch and decode.
+        done = await session.execute(_insert_unnested(), params)
+        return int(done.rowcount)  # type: ignore[attr-defined]
+    finished_at = _now()
+    params = [
+        {
+            "job_id": job_id,
+            "payload_hash": payload_hash,
+            "reply": reply,
+            "finished_at": finished_at,
+        }
+        for job_id, payload_hash, reply in rows
+    ]
+    # One cached statement, run as SQLAlchemy's "insertmanyvalues" batch.
+    inserted = await session.execute(_insert_many(dialect), params)
     return len(inserted.all())
 
 
@@ -140,7 +141,6 @@ def _insert_unnested() -> sa.Insert:
         postgresql.insert(ledger)
         .from_select(columns, source)
         .on_conflict_do_nothing(index_elements=[ledger.c.job_id])
-        .returning(ledger.c.job_id)
     )
 
 
