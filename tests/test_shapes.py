@@ -121,3 +121,10 @@ def test_the_cache_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     for column, value in (("qty", 1), ("name", "n"), ("tag", "t"), ("weight", 1.5), ("price", 2)):
         statement({"table": "items", "set": {column: value}, "key": {"id": 1}}, rules)
         assert 0 < len(shapes._known) <= 3
+
+
+@pytest.mark.parametrize("rowcount", [-1, 0, 1, 2, 7])
+def test_a_statement_without_returning_reports_the_row_count_it_was_given(rowcount: int) -> None:
+    document = {"table": "items", "set": {"qty": 1}, "where": {"qty": 0}}
+    result = statement(document, schema()).outcome(rowcount, None, max_returning=10, label="t")
+    assert (result.rowcount, result.returning) == (rowcount, None)

@@ -72,9 +72,9 @@ class Statement:
         if refusal := self.guards.refusal(rowcount, label=label):
             raise refusal
         if rows is None:
-            return (
-                _COUNTED[rowcount] if rowcount < len(_COUNTED) else UpdateResult(rowcount=rowcount)
-            )
+            if 0 <= rowcount < len(_COUNTED):
+                return _COUNTED[rowcount]
+            return UpdateResult(rowcount=rowcount)
         returning = [{name: to_json(value) for name, value in row.items()}
                      for row in rows[:max_returning]]  # fmt: skip
         return UpdateResult(rowcount=rowcount, returning=returning)
