@@ -223,7 +223,7 @@ class Worker:
                 await asyncio.wait_for(stop.wait(), _READ_RETRY_S)
             return []
         # Entries of a partition lost meanwhile are not served here: the new owner claims them.
-        return [entry for entry in batch.entries if entry.partition in self.ownership.generations]
+        return self.ownership.serving(batch.entries)
 
     async def _drain(self, in_flight: set[asyncio.Task[None]]) -> None:
         """Give running jobs the grace period, then cancel them; they stay pending."""

@@ -64,6 +64,8 @@ class Ownership:
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     _handing_over: set[int] = field(default_factory=set)
     _handovers: set[asyncio.Task[None]] = field(default_factory=set)
+    #: Partitions being taken over -> new entries read from them meanwhile (see `serving`).
+    _taking: dict[int, list[Entry]] = field(default_factory=dict)
 
     @property
     def tick_s(self) -> float:
@@ -71,6 +73,23 @@ class Ownership:
 
     def owned(self) -> list[int]:
         return sorted(self.generations)
+
+    def serving(self, entries: list[Entry]) -> list[Entry]:
+        """Of ``entries`` just read, those to run now: the ones of partitions served.
+
+        A partition can be taken over again by this very worker (its lease lapsed unnoticed,
+        during a pause) while it is still read under the old generation: the lease names the
+        same worker. An entry read after that takeover's claim is in no claim, and run under
+        the old generation it would be fenced and then left pending for good. So entries
+        read while their partition is being taken over wait for the takeover, and are served
+        right after what it claimed (they are newer than all of it)."""
+        now = []
+        for entry in entries:
+            if (waiting := self._taking.get(entry.partition)) is not None:
+                waiting.append(entry)
+            elif entry.partition in self.generations:
+                now.append(entry)
+        return now
 
     async def run(self, stop: asyncio.Event) -> None:
         """Tick until ``stop``; then hand every partition over (SIGTERM: at once). Leases are
@@ -117,6 +136,7 @@ class Ownership:
     async def take(self, number: int) -> bool:
         if not await self.leases.acquire(number):
             return False
+        read_meanwhile = self._taking[number] = []
         try:
             generation = await fencing.take(self.engine, number, wait_s=TAKEOVER_WAIT_S)
             try:
@@ -128,11 +148,17 @@ class Ownership:
                 await self.transport.ensure_groups(self.leases.partitions)
                 claim = await self.reader.claim_all(number)
         except BaseException:
+            del self._taking[number]  # what was read meanwhile is pending: the next owner's
             await self.leases.release(number)
             raise
-        if claim.deleted:
-            await self.transport.drop_deleted(number, claim.deleted)
+        try:
+            if claim.deleted:
+                await self.transport.drop_deleted(number, claim.deleted)
+        finally:
+            del self._taking[number]
+        claimed = {entry.id for entry in claim.entries}
         self.backlog.extend(claim.entries)
+        self.backlog.extend(entry for entry in read_meanwhile if entry.id not in claimed)
         self.generations[number] = generation
         self.metrics.takeovers.inc()
         log.info("partition %d: taken over (generation %d, %d pending entr(y/ies) first)",
