@@ -164,3 +164,21 @@ async def test_a_batch_both_movers_hold_is_moved_once(redis: Redis, prefix: str)
     assert (again.moved, again.skipped, again.holding) == (0, len(stale), True)
     await drain(new)
     await assert_moved_once_in_order(redis, prefix, ids, ingest)
+
+
+async def test_an_entry_goes_where_the_worker_reads_its_job(redis: Redis, prefix: str) -> None:
+    """An entry with two `job` fields is read by the worker by its last one (a stream entry's
+    fields become a dict): the mover places it by that one too."""
+    first = json.dumps({"table": "items", "key": {"id": 1}, "inc": {"qty": 1}})
+    last = next(json.dumps({"table": "items", "key": {"id": row}, "inc": {"qty": 1}})
+                for row in range(2, 50)
+                if partition_of(f"items:{row}", PARTITIONS) != partition_of("items:1", PARTITIONS))  # fmt: skip
+    await redis.execute_command(  # type: ignore[no-untyped-call]
+        "XADD", f"{prefix}:jobs", "*", "job", first, "job", last
+    )
+    only = mover(redis, prefix, "m1")
+    await only.ensure_group()
+    assert await only.acquire()
+    await drain(only)
+    placed = {number for number, ids in (await partition_contents(redis, prefix)).items() if ids}
+    assert placed == {partition_of(f"items:{json.loads(last)['key']['id']}", PARTITIONS)}

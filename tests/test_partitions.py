@@ -49,6 +49,12 @@ def test_an_entry_that_is_no_job_is_placed_by_its_entry_id() -> None:
     assert partition_of_raw(b"[1]", fallback="5-0", partitions=16) == partition_of("5-0", 16)
     good = json.dumps({"table": "users", "key": {"id": 1}, "set": {"age": 3}}).encode()
     assert partition_of_raw(good, fallback="5-0", partitions=16) == partition_of("users:1", 16)
+    # Not UTF-8 (the worker refuses it): by its entry id, like any entry that is no job.
+    utf16 = json.dumps({"table": "users", "key": {"id": 1}, "set": {"age": 3}}).encode("utf-16")
+    assert partition_of_raw(utf16, fallback="5-0", partitions=16) == partition_of("5-0", 16)
+    accented = json.dumps({"table": "users", "key": {"id": "é"}, "set": {"age": 3}},
+                          ensure_ascii=False).encode()  # fmt: skip
+    assert partition_of_raw(accented, fallback="5-0", partitions=16) == partition_of("users:é", 16)
 
 
 @pytest.mark.parametrize("order_key", ["", "has space", "x" * 201, 5, None])

@@ -20,6 +20,8 @@ from typing import Any, Final
 #: WORKER_PARTITIONS' default.
 DEFAULT_PARTITIONS: Final = 16
 
+_DECODER: Final = json.JSONDecoder()
+
 
 def derive_order_key(document: Mapping[str, Any]) -> str | None:
     """The order key of a job given as its JSON object; None when it has none to derive
@@ -49,8 +51,9 @@ def partition_of_raw(raw: bytes, *, fallback: str, partitions: int) -> int:
     """The partition of a stream entry's raw ``job`` bytes; an entry that is no JSON object
     (it will be dead-lettered by whoever serves it) goes by ``fallback``, its entry id."""
     try:
-        document = json.loads(raw)
-    except (ValueError, RecursionError):
+        # As the worker reads a job (UTF-8 text); an entry either refuses goes by ``fallback``.
+        document = _DECODER.decode(raw.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         document = None
     order_key = derive_order_key(document) if isinstance(document, dict) else None
     return partition_of(order_key if order_key is not None else fallback, partitions)

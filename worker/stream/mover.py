@@ -169,7 +169,10 @@ class Mover:
         by_partition: dict[int, list[Any]] = defaultdict(list)
         for entry_id, fields in entries:
             pairs = _pairs(fields)
-            job = dict(zip(pairs[::2], pairs[1::2], strict=True)).get(b"job", b"")
+            job = b""
+            for index in range(0, len(pairs), 2):  # the last `job` field, as the worker reads it
+                if pairs[index] == b"job":
+                    job = pairs[index + 1]
             number = partition_of_raw(job, fallback=entry_id, partitions=self.partitions)
             by_partition[number] += [entry_id, len(pairs) // 2, *pairs]
         calls: list[Call] = [
