@@ -23,7 +23,8 @@ from worker.db.schema import Schema, reflect_schema
 from worker.demo import books, users
 from worker.errors import WorkerError
 from worker.job.compiler import compile_job
-from worker.job.models import Job, Reply, parse_entry
+from worker.job.models import Job, parse_entry
+from worker.job.replies import Reply
 
 
 class Runner:

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import eventually
 from tests.faults import PrivateRedis, WorkerProcesses
-from worker.job.models import Reply
+from worker.job.replies import Reply
 from worker.ops import admin
 from worker.stream.names import Names
 

@@ -21,8 +21,9 @@ from worker.db.ledger import ensure_ledger, ledger, record_many
 from worker.db.schema import Schema, reflect_schema
 from worker.errors import Fenced
 from worker.job.compiler import compile_job
-from worker.job.models import Job, Reply, parse_entry
+from worker.job.models import Job, parse_entry
 from worker.job.plans import Plan
+from worker.job.replies import Reply
 
 
 @pytest.fixture

@@ -24,7 +24,8 @@ from worker.db.ledger import ensure_ledger, ledger
 from worker.db.oneshot import AUTOCOMMIT, duplicate, eligible, run
 from worker.db.schema import Schema, reflect_schema
 from worker.job.compiler import compile_job
-from worker.job.models import Job, Reply, parse_entry
+from worker.job.models import Job, parse_entry
+from worker.job.replies import Reply
 
 
 @pytest.fixture

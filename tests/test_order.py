@@ -23,7 +23,7 @@ from tests.conftest import REDIS_URL
 from tests.faults import WorkerProcesses
 from tests.test_operate import cli
 from worker.client import UpdateClient
-from worker.job.models import Reply
+from worker.job.replies import Reply
 
 ROWS, STEPS = 24, 30
 metadata = sa.MetaData()

@@ -20,8 +20,8 @@ from tests.tables import items
 from tests.test_service import text
 from worker.db.engine import Timeouts, create_engine
 from worker.errors import Unavailable
-from worker.job.models import Reply
 from worker.job.order import derive_order_key, partition_of
+from worker.job.replies import Reply
 from worker.service.startup import open_worker
 from worker.settings import Settings
 from worker.stream.names import Names

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import eventually
 from tests.test_cli import CLI, ROOT, clean_env, free_port
-from worker.job.models import Reply
+from worker.job.replies import Reply
 from worker.ops.admin import backlog
 from worker.stream import deployment
 from worker.stream.client import RedisTLS, connect

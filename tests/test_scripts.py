@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from worker.errors import Unavailable
-from worker.job.models import Reply
+from worker.job.replies import Reply
 from worker.stream.names import Entry, Names, text
 from worker.stream.scripts import run_each
 from worker.stream.transport import Transport

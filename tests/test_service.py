@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tests.conftest import REDIS_URL, WorkerFactory
 from tests.model_app import FIXED_NOW, Base
 from worker.client import UpdateClient
-from worker.job.models import Reply
+from worker.job.replies import Reply
 from worker.service import startup
 from worker.stream import deployment
 from worker.stream.client import connect

@@ -178,7 +178,8 @@ async def test_transient_errors_are_retried_then_replied_unavailable_and_not_fin
 
     from worker.db.executor import Executor
     from worker.errors import Backoff, Unavailable
-    from worker.job.models import Job, Reply, UpdateResult, parse_entry
+    from worker.job.models import Job, parse_entry
+    from worker.job.replies import Reply, UpdateResult
 
     engine = create_async_engine("sqlite+aiosqlite://")  # never connected: the unit is a stand-in
     executor = Executor(engine, worker="t", max_attempts=4, backoff=Backoff(0.001, 0.001))

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import REDIS_URL, WorkerFactory
 from worker.client import UpdateClient
-from worker.job.models import Reply
+from worker.job.replies import Reply
 
 metadata = sa.MetaData()
 moments = sa.Table(

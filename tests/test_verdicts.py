@@ -18,7 +18,8 @@ from tests.tables import items
 from tests.test_operate import cli
 from worker.client import UpdateClient
 from worker.db.ledger import ledger
-from worker.job.models import Job, Reply
+from worker.job.models import Job
+from worker.job.replies import Reply
 from worker.service.startup import open_worker
 from worker.settings import Settings
 from worker.stream import deployment

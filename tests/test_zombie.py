@@ -18,7 +18,7 @@ from tests.conftest import REDIS_URL, eventually
 from tests.faults import WorkerProcesses
 from tests.test_recovery import qty, row_locked
 from worker.client import UpdateClient
-from worker.job.models import Reply
+from worker.job.replies import Reply
 from worker.service.ownership import TAKEOVER_WAIT_S
 from worker.stream.deployment import LIVE_S
 

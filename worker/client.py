@@ -25,8 +25,9 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from worker.errors import REDIS_BACKOFF, InvalidJob, retry_transient
-from worker.job.models import Reply, validate
+from worker.job.models import validate
 from worker.job.order import derive_order_key, partition_of
+from worker.job.replies import Reply
 from worker.stream import deployment
 from worker.stream.client import connect
 from worker.stream.names import Names

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from worker.errors import WorkerError
-from worker.job.models import Job, Reply, UpdateResult
+from worker.job.models import Job
 from worker.job.plans import Statement
+from worker.job.replies import Reply, UpdateResult
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,8 +25,8 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from worker.job.compiler import key_update
-from worker.job.models import UpdateResult
 from worker.job.plans import Statement
+from worker.job.replies import UpdateResult
 from worker.job.values import bind_type
 
 #: Rows in one statement at most: SQLite allows 500 terms in a compound SELECT.

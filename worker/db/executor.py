@@ -34,8 +34,9 @@ from worker.errors import (
     WorkerError,
     classify,
 )
-from worker.job.models import Job, Reply, UpdateResult
+from worker.job.models import Job
 from worker.job.plans import Plan, Statement
+from worker.job.replies import Reply, UpdateResult
 from worker.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ class Executor:
         """A lone one-row job in one statement (worker/db/oneshot.py); same outcome as _apply."""
         job = attempt.job
         verdicts = [self._verdict(attempt, statement, count) for count in (0, 1)]
-        encoded = tuple(verdict.model_dump_json(exclude_none=True) for verdict in verdicts)
+        encoded = tuple(verdict.rendered for verdict in verdicts)
         try:
             async with self._statements() as session:
                 count = await oneshot.run(session, statement, job, replies=encoded, fences=fences)
@@ -241,5 +242,5 @@ class Executor:
 
 
 async def _record_reply(session: AsyncSession, job: Job, reply: Reply) -> bool:
-    stored = reply.model_dump_json(exclude_none=True)
+    stored = reply.rendered
     return await ledger.record(session, job_id=job.id, payload_hash=job.payload_hash, reply=stored)

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 from worker.db import bulk, fencing, ledger
 from worker.db.attempts import Attempt
 from worker.errors import Fenced, Unavailable, WorkerError
-from worker.job.models import Job, Reply
+from worker.job.models import Job
 from worker.job.plans import Plan
+from worker.job.replies import Reply
 
 if TYPE_CHECKING:
     from worker.db.executor import Executor, Fences
@@ -83,7 +84,7 @@ async def _commit(
         for index, result in zip(todo, results, strict=True):
             job = items[index][0]
             made[job.id] = attempts[index].succeeded([result])
-            stored = made[job.id].model_dump_json(exclude_none=True)
+            stored = made[job.id].rendered
             recorded[job.id] = ledger.Entry(payload_hash=job.payload_hash, reply=stored)
         rows = [(job_id, entry.payload_hash, entry.reply) for job_id, entry in recorded.items()]
         if await ledger.record_many(session, rows) != len(rows):

@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, Literal, Self
+from typing import Annotated, Any, Final, Self
 
 from pydantic import (
     BaseModel,
@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from worker.errors import InvalidJob, WorkerError
+from worker.errors import InvalidJob
 from worker.job.filters import Filter, parse_where
 from worker.job.order import derive_order_key
 
@@ -206,52 +206,6 @@ def payload_hash(document: Mapping[str, Any]) -> str:
     content = {key: value for key, value in document.items() if key not in ("id", "reply_to")}
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-class ErrorInfo(BaseModel):
-    code: str
-    message: str
-    retryable: bool
-
-
-class UpdateResult(BaseModel):
-    # Frozen: results are shared (see plans.Statement.outcome), and frozen models build faster.
-    model_config = ConfigDict(frozen=True)
-
-    rowcount: int
-    returning: list[dict[str, Any]] | None = None
-
-
-class Reply(BaseModel):
-    """The reply JSON of DESIGN.md §4. Unknown fields are ignored, for forward compatibility.
-    Frozen: a reply is made once and never changed (a replay is a copy)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    id: str
-    status: Literal["ok", "error"]
-    rowcount: int = 0
-    returning: list[dict[str, Any]] | None = None
-    results: list[UpdateResult] | None = None
-    error: ErrorInfo | None = None
-    dry_run: bool = False
-    replayed: bool = False
-    attempts: int = 1
-    duration_ms: float = 0.0
-    worker: str = ""
-
-    @property
-    def final(self) -> bool:
-        """False only for an ``unavailable`` reply, which a later delivery supersedes."""
-        return self.error is None or not self.error.retryable
-
-    def encode(self) -> bytes:
-        return self.model_dump_json(exclude_none=True).encode()
-
-    @classmethod
-    def failure(cls, job_id: str, error: WorkerError, **fields: Any) -> Reply:
-        info = ErrorInfo(code=error.code, message=error.message, retryable=error.retryable)
-        return cls(id=job_id, status="error", rowcount=0, error=info, **fields)
 
 
 def _dead(entry_id: str, channel: str | None, reason: str) -> Rejection:

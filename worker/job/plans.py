@@ -10,7 +10,7 @@ from typing import Any, Final
 import sqlalchemy as sa
 
 from worker.errors import ExpectationFailed
-from worker.job.models import UpdateResult
+from worker.job.replies import UpdateResult
 from worker.job.values import to_json
 
 

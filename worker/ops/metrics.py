@@ -31,7 +31,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import generate_latest
 
-from worker.job.models import Reply
+from worker.job.replies import Reply
 
 log = logging.getLogger(__name__)
 

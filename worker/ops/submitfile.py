@@ -24,7 +24,8 @@ from typing import Any, Final
 
 from worker.client import UpdateClient
 from worker.errors import classify
-from worker.job.models import Rejection, Reply, parse_entry
+from worker.job.models import Rejection, parse_entry
+from worker.job.replies import Reply
 
 #: The code counted for a job whose reply did not come within the timeout.
 NO_REPLY: Final = "no_reply"

@@ -20,8 +20,9 @@ from typing import Final
 from worker.db.executor import Executor, Fences
 from worker.db.schema import Schema
 from worker.errors import Fenced
-from worker.job.models import Job, Rejection, Reply
+from worker.job.models import Job, Rejection
 from worker.job.plans import Plan
+from worker.job.replies import Reply
 from worker.ops.logs import FIELDS
 from worker.ops.metrics import Metrics
 from worker.service.recovery import Recovery

@@ -16,7 +16,8 @@ from pydantic import ValidationError
 
 from worker.db.executor import Executor
 from worker.errors import InternalError, Unavailable, WorkerError
-from worker.job.models import Job, Reply
+from worker.job.models import Job
+from worker.job.replies import Reply
 from worker.stream.names import Entry
 from worker.stream.transport import Transport
 

@@ -20,7 +20,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from worker.errors import REDIS_BACKOFF, retry_transient
-from worker.job.models import Reply
+from worker.job.replies import Reply
 from worker.ops.metrics import Metrics
 from worker.stream.names import Entry, Names, text
 from worker.stream.scripts import run_each
