@@ -147,13 +147,12 @@ class Ownership:
                 # The stream or group vanished (a DEL, a Redis restart without persistence).
                 await self.transport.ensure_groups(self.leases.partitions)
                 claim = await self.reader.claim_all(number)
-        except BaseException:
-            del self._taking[number]  # what was read meanwhile is pending: the next owner's
-            await self.leases.release(number)
-            raise
-        try:
             if claim.deleted:
                 await self.transport.drop_deleted(number, claim.deleted)
+        except BaseException:
+            # Whatever was claimed or read meanwhile stays pending: the next owner claims it.
+            await self.leases.release(number)
+            raise
         finally:
             del self._taking[number]
         claimed = {entry.id for entry in claim.entries}
