@@ -83,7 +83,7 @@ async def record_many(session: AsyncSession, rows: list[tuple[str, str, str]]) -
             "replies": replies,
             "finished_at": _now(),
         }
-        # Its row count ("INSERT 0 n"), not RETURNING: no row a job to fetch and decode.
+        # Counted by the command tag ("INSERT 0 n"), not RETURNING: no row per job to fetch.
         done = await session.execute(_insert_unnested(), params)
         return int(done.rowcount)  # type: ignore[attr-defined]
     finished_at = _now()

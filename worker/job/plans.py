@@ -50,8 +50,9 @@ class Statement:
     update: sa.Update
     returns_rows: bool
     guards: Guards
-    #: ``(table, *primary key values)`` when the statement touches one row by its key: the
-    #: order in which group commits take row locks, so concurrent groups never deadlock.
+    #: ``(table, *primary key values)`` when the statement touches one row by its key: a group
+    #: commit orders its jobs by it, puts a second job on one row in a later round, and
+    #: matches the keys its UPDATE returns to the jobs (worker/db/bulk.py).
     row: tuple[Any, ...] | None = None
     #: Values for the statement's bound parameters (a cached, shared statement needs them).
     params: Mapping[str, Any] = field(default_factory=dict)
