@@ -6,6 +6,12 @@ after its successor's takeover. That matters for order: anything an old owner wa
 before the takeover is pending under it, and the new owner claims all of it, in stream order,
 before it reads anything new. Scripts cannot block, so when nothing is new the worker waits
 with a plain XREAD BLOCK past each partition's last delivered id, then reads again.
+
+After a wait that saw new entries, only the partitions it saw them in are read; the others
+were seen empty by the wait. Once those reads have emptied their partitions too, the next read
+asks nothing of Redis: it hands back every partition as idle, and the wait that follows (one
+XREAD, past the same ids) returns at once for anything added meanwhile. So a lone job costs
+one script and one XREAD, not a script per owned partition while it runs.
 """
 
 from __future__ import annotations
@@ -62,15 +68,22 @@ class Reader:
         self._claim = redis.register_script(_CLAIM)
         #: Partitions a wait saw new entries in: the next read asks only them.
         self._woken: set[int] = set()
+        #: Partitions seen empty, past their ``_last``, since the last wait that saw entries:
+        #: when they are all the owned ones, the next read needs no round trip.
+        self._resting: set[int] = set()
 
     async def read(self, partitions: Collection[int], *, count: int) -> Batch:
         """New entries of ``partitions`` (in stream order within each), at most about
         ``count`` in all. Right after a :meth:`wait` that saw new entries, only the
         partitions it saw them in."""
         woken, self._woken = self._woken & set(partitions), set()
+        resting, self._resting = self._resting, set()
         owned = sorted(woken or partitions)
         batch = Batch()
         if not owned:
+            return batch
+        if not woken and resting.issuperset(owned) and self._last.keys() >= resting:
+            batch.idle = {number: self._last[number] for number in owned}
             return batch
         each = max(1, math.ceil(count / len(owned)))
         calls: list[Call] = [
@@ -88,10 +101,16 @@ class Reader:
                 batch.entries += [Entry(id=text(entry_id), fields=_fields(flat), partition=number)
                                   for entry_id, flat in answer[1]]  # fmt: skip
                 self._last[number] = batch.entries[-1].id
+                if woken and len(answer[1]) < each:  # emptied, like the ones the wait saw empty
+                    resting.add(number)
             else:
                 if len(answer) > 1:
                     self._last[number] = text(answer[1])
                 batch.idle[number] = self._last.get(number, "$")
+                if woken:
+                    resting.add(number)
+        if woken:
+            self._resting = resting
         return batch
 
     async def wait(self, idle: Mapping[int, str], *, block_ms: int) -> None:
@@ -103,6 +122,11 @@ class Reader:
             found = await self.redis.xread(streams, count=1, block=block_ms)
             named = {self.names.partition(number): number for number in idle}
             self._woken = {named[text(stream)] for stream, _ in _streams(found)}
+            # Only a wait that saw entries vouches for the rest: after a quiet one, the next
+            # read asks every partition (and so checks every lease) again.
+            if self._woken:
+                self._resting = {number for number in idle
+                                 if number in self._last} - self._woken  # fmt: skip
 
     async def claim_all(self, number: int) -> Claim:
         """Every entry pending in partition ``number``, whoever was handed it, now this
@@ -113,6 +137,7 @@ class Reader:
         counted when a worker starts the entry (:meth:`count_start`)."""
         stream = self.names.partition(number)
         self._last.pop(number, None)  # a takeover: where the group stands is looked up again
+        self._resting.discard(number)
         ids: list[str] = []
         deleted: list[str] = []
         cursor = "0-0"
