@@ -104,12 +104,19 @@ async def engine(database_url: str, backend: str) -> AsyncIterator[AsyncEngine]:
 
 
 @pytest.fixture
-async def redis() -> AsyncIterator[Redis]:
-    client = Redis.from_url(REDIS_URL)
+def redis_url() -> str:
+    """The Redis a test runs against: the shared one, unless its module says otherwise (the
+    cluster tests run some tests of other modules on a cluster of their own)."""
+    return REDIS_URL
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
     try:
         await client.ping()
     except (OSError, ConnectionError) as error:
-        pytest.fail(f"Redis is not reachable at {REDIS_URL}: {error}", pytrace=False)
+        pytest.fail(f"Redis is not reachable at {redis_url}: {error}", pytrace=False)
     yield client
     await client.aclose()
 
@@ -126,11 +133,11 @@ async def prefix(redis: Redis) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def make_settings(database_url: str, prefix: str) -> Callable[..., Settings]:
+def make_settings(database_url: str, prefix: str, redis_url: str) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         flags = {
             "database_url": database_url,
-            "redis_url": REDIS_URL,
+            "redis_url": redis_url,
             "prefix": prefix,
             "block_ms": 200,
             "shutdown_grace_s": 5,

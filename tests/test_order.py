@@ -53,13 +53,13 @@ def shared_step(number: int) -> dict[str, Any]:
 
 @pytest.fixture
 async def workers(
-    engine: AsyncEngine, database_url: str, prefix: str, tmp_path: Path
+    engine: AsyncEngine, database_url: str, prefix: str, tmp_path: Path, redis_url: str
 ) -> AsyncIterator[WorkerProcesses]:
     async with engine.begin() as connection:
         await connection.run_sync(metadata.create_all)
         await connection.execute(series.insert(), [{"id": row, "x": 0} for row in range(ROWS)])
         await connection.execute(shared.insert(), [{"id": row, "x": 0} for row in range(3)])
-    processes = WorkerProcesses({"WORKER_DATABASE_URL": database_url, "WORKER_REDIS_URL": REDIS_URL,
+    processes = WorkerProcesses({"WORKER_DATABASE_URL": database_url, "WORKER_REDIS_URL": redis_url,
                                  "WORKER_PREFIX": prefix, "WORKER_LEASE_MS": "2000",
                                  "WORKER_BLOCK_MS": "500", "WORKER_CONCURRENCY": "4"}, tmp_path)  # fmt: skip
     try:
@@ -76,7 +76,10 @@ async def replies_for(redis: Redis, prefix: str, ids: list[str]) -> dict[str, Re
         missing = [job_id for job_id in ids if job_id not in found]
         if not missing:
             return found
-        values = await redis.mget([f"{prefix}:result:{job_id}" for job_id in missing])
+        async with redis.pipeline(transaction=False) as pipe:  # MGET would span slots
+            for job_id in missing:
+                pipe.get(f"{prefix}:result:{job_id}")
+            values = await pipe.execute()
         for job_id, value in zip(missing, values, strict=True):
             if value is not None and (reply := Reply.model_validate_json(value)).final:
                 found[job_id] = reply
@@ -85,11 +88,11 @@ async def replies_for(redis: Redis, prefix: str, ids: list[str]) -> dict[str, Re
 
 
 async def test_jobs_on_a_row_apply_in_order_across_three_worker_processes(
-    workers: WorkerProcesses, redis: Redis, prefix: str, engine: AsyncEngine
+    workers: WorkerProcesses, redis: Redis, prefix: str, engine: AsyncEngine, redis_url: str
 ) -> None:
     for _ in range(3):
         workers.spawn()
-    async with UpdateClient(REDIS_URL, prefix=prefix) as client:
+    async with UpdateClient(redis_url, prefix=prefix) as client:
         # Wait until a worker recorded the partition count: the client then writes straight
         # to the partitions, while the even rows go through the ingest as redis-cli would.
         for _ in range(200):

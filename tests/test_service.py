@@ -76,10 +76,10 @@ async def test_a_plain_redis_producer_gets_its_reply_on_the_channel_and_under_th
 
 
 async def test_client_update_submit_result_and_replay(
-    start_worker: WorkerFactory, prefix: str, engine: AsyncEngine
+    start_worker: WorkerFactory, prefix: str, engine: AsyncEngine, redis_url: str
 ) -> None:
     await start_worker()
-    async with UpdateClient(REDIS_URL, prefix=prefix) as client:
+    async with UpdateClient(redis_url, prefix=prefix) as client:
         reply = await client.update(
             "users", key={"id": 1}, set={"name": "John Doe", "age": 30}, id="seed-orm"
         )
@@ -108,11 +108,11 @@ async def test_client_update_submit_result_and_replay(
 
 
 async def test_many_jobs_through_several_workers_each_apply_once(
-    start_worker: WorkerFactory, prefix: str, engine: AsyncEngine, backend: str
+    start_worker: WorkerFactory, prefix: str, engine: AsyncEngine, backend: str, redis_url: str
 ) -> None:
     for index in range(3):
         await start_worker(consumer=f"w{index}", concurrency=4)
-    async with UpdateClient(REDIS_URL, prefix=prefix) as client:
+    async with UpdateClient(redis_url, prefix=prefix) as client:
         ids = [await client.submit({"id": f"inc-{n % 150}", "table": "items", "inc": {"qty": 1}, "key": {"id": 1 + n % 150 % 4}})
                for n in range(200)]  # fmt: skip  # 50 re-sent duplicates
         replies = [await client.result(job_id, timeout=30) for job_id in ids]
@@ -127,7 +127,7 @@ async def test_many_jobs_through_several_workers_each_apply_once(
 
 
 async def test_garbage_goes_to_the_dead_letter_stream_and_the_worker_carries_on(
-    start_worker: WorkerFactory, redis: Redis, prefix: str
+    start_worker: WorkerFactory, redis: Redis, prefix: str, redis_url: str
 ) -> None:
     await start_worker()
     pubsub = redis.pubsub()
@@ -160,19 +160,19 @@ async def test_garbage_goes_to_the_dead_letter_stream_and_the_worker_carries_on(
     assert b"not JSON" in dead[entry_id][b"error"]
     assert json.loads(dead[no_field][b"fields"]) == {"payload": "x"}
     assert (await redis.xpending(f"{prefix}:jobs", "update-workers"))["pending"] == 0
-    async with UpdateClient(REDIS_URL, prefix=prefix) as client:
+    async with UpdateClient(redis_url, prefix=prefix) as client:
         assert (await client.update("users", key={"id": 1}, set={"age": 2})).status == "ok"
 
 
 async def test_jobs_sent_before_the_first_worker_starts_are_served(
-    start_worker: WorkerFactory, redis: Redis, prefix: str
+    start_worker: WorkerFactory, redis: Redis, prefix: str, redis_url: str
 ) -> None:
     await redis.xadd(
         f"{prefix}:jobs",
         {"job": json.dumps({"id": "early", "table": "users", "key": {"id": 1}, "set": {"age": 3}})},
     )
     await start_worker()
-    async with UpdateClient(REDIS_URL, prefix=prefix) as client:
+    async with UpdateClient(redis_url, prefix=prefix) as client:
         assert (await client.result("early", timeout=10)).rowcount == 1
 
 
@@ -192,13 +192,13 @@ async def test_a_blocking_read_longer_than_the_default_socket_timeout_does_not_r
 
 
 async def test_the_group_is_recreated_when_the_stream_vanishes(
-    start_worker: WorkerFactory, redis: Redis, prefix: str
+    start_worker: WorkerFactory, redis: Redis, prefix: str, redis_url: str
 ) -> None:
     worker = await start_worker()
     # The ingest and every partition stream vanish, group and all (a DEL, a Redis restart
     # without persistence): the mover and the reads meet NOGROUP and recreate them.
     await redis.delete(f"{prefix}:jobs", *map(worker.reader.names.partition, range(16)))
-    async with UpdateClient(REDIS_URL, prefix=prefix) as client:
+    async with UpdateClient(redis_url, prefix=prefix) as client:
         for _ in range(100):
             if await redis.exists(f"{prefix}:jobs", worker.reader.names.partition(1)) == 2:
                 break
@@ -213,7 +213,7 @@ async def test_the_group_is_recreated_when_the_stream_vanishes(
 
 
 async def test_models_apply_onupdate_and_type_decorators(
-    start_worker: WorkerFactory, engine: AsyncEngine, prefix: str
+    start_worker: WorkerFactory, engine: AsyncEngine, prefix: str, redis_url: str
 ) -> None:
     async with engine.begin() as connection:
         await connection.run_sync(Base.metadata.create_all)
@@ -222,7 +222,7 @@ async def test_models_apply_onupdate_and_type_decorators(
             [{"id": 1, "body": "x", "tags": ["a"], "updated_at": None}],
         )
     await start_worker(models="tests.model_app:Base")
-    async with UpdateClient(REDIS_URL, prefix=prefix) as client:
+    async with UpdateClient(redis_url, prefix=prefix) as client:
         reply = await client.update(
             "notes", key={"id": 1}, set={"body": "y", "tags": ["Zed", "Alpha"]}
         )

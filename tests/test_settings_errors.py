@@ -60,6 +60,10 @@ def test_urls_are_masked_everywhere_they_are_shown() -> None:
     assert mask_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
     settings = load_settings({"WORKER_REDIS_URL": "redis://u:s3cret@h:1/0"})
     assert "s3cret" not in repr(settings)
+    sentinels = "redis://:s3cret@a:26379,redis://:s3cret@b:26379"
+    assert mask_url(sentinels) == "redis://:***@a:26379,redis://:***@b:26379"
+    assert "s3cret" not in repr(load_settings({"WORKER_REDIS_SENTINELS": sentinels}))
+    assert mask_url("redis://:s3cret@h:port/0") == "<unparsable url>"
 
 
 class _AsyncpgLike(Exception):
@@ -101,6 +105,33 @@ def _dbapi(
         (_dbapi(_AsyncpgLike("42601")), "internal", False),
         (redis.exceptions.ConnectionError("gone"), "unavailable", True),
         (redis.exceptions.TimeoutError("Timeout reading from socket"), "unavailable", True),
+        # A Redis Cluster or Sentinel failing over: each passes once it has settled.
+        (redis.exceptions.MovedError("3999 127.0.0.1:7002"), "unavailable", True),
+        (
+            redis.exceptions.TryAgainError("Multiple keys request during rehashing"),
+            "unavailable",
+            True,
+        ),
+        (redis.exceptions.ClusterDownError("The cluster is down"), "unavailable", True),
+        (
+            redis.exceptions.ReadOnlyError("You can't write against a read only replica."),
+            "unavailable",
+            True,
+        ),
+        (
+            redis.exceptions.ResponseError(
+                "UNBLOCKED force unblock from blocking operation, "
+                "instance state changed (master -> replica?)"
+            ),
+            "unavailable",
+            True,
+        ),
+        (redis.exceptions.ResponseError("WRONGTYPE Operation against a key"), "internal", False),
+        (
+            redis.exceptions.ResponseError("CROSSSLOT Keys in request don't hash to the same slot"),
+            "internal",
+            False,
+        ),
         (ConnectionRefusedError(111, "refused"), "unavailable", True),
         (TimeoutError(), "timeout", False),
         (KeyError("bug"), "internal", False),

@@ -105,7 +105,9 @@ def _submit(settings: Settings, args: argparse.Namespace) -> int:
 async def _submit_and_wait(
     settings: Settings, job: dict[str, Any], *, wait: bool, timeout: float
 ) -> dict[str, Any] | str | None:
-    async with UpdateClient(settings.redis(), prefix=settings.prefix, owns_redis=True) as client:
+    async with UpdateClient(
+        await settings.redis(), prefix=settings.prefix, owns_redis=True
+    ) as client:
         if not wait:
             job.setdefault("reply_to", client.names.replies)
             print(await client.submit(job))

@@ -20,8 +20,8 @@ from types import TracebackType
 from typing import Any, Self
 
 from pydantic import ValidationError
-from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterPubSub
 from redis.exceptions import RedisError
 
 from worker.errors import REDIS_BACKOFF, InvalidJob, retry_transient
@@ -29,10 +29,11 @@ from worker.job.models import validate
 from worker.job.order import derive_order_key, partition_of
 from worker.job.replies import Reply
 from worker.stream import deployment
-from worker.stream.client import connect
+from worker.stream.client import AnyRedis, RedisTarget, check_prefix, open_redis
 from worker.stream.names import Names
 
 log = logging.getLogger(__name__)
+AnyPubSub = PubSub | ClusterPubSub
 
 _POLL_START_S = 0.01
 _POLL_MAX_S = 0.5
@@ -43,20 +44,23 @@ _SEND_ATTEMPTS = 6
 class UpdateClient:
     def __init__(
         self,
-        redis: Redis | str = "redis://localhost:6379/0",
+        redis: AnyRedis | RedisTarget | str = "redis://localhost:6379/0",
         *,
         prefix: str = "updates",
         owns_redis: bool | None = None,
     ) -> None:
-        """``redis``: a URL, or a client, which :meth:`aclose` closes only if ``owns_redis``
-        (by default, only a client made here from a URL)."""
-        self._redis = connect(redis) if isinstance(redis, str) else redis
-        self._owns_redis = isinstance(redis, str) if owns_redis is None else owns_redis
+        """``redis``: a URL (one server or any node of a cluster, found out at the first
+        call), a :class:`RedisTarget` (for Sentinel), or a client, which :meth:`aclose`
+        closes only if ``owns_redis`` (by default, only a client made here)."""
+        made_here = isinstance(redis, str | RedisTarget)
+        self._target = redis if isinstance(redis, str | RedisTarget) else None
+        self._given = None if isinstance(redis, str | RedisTarget) else redis
+        self._owns_redis = made_here if owns_redis is None else owns_redis
         self.names = Names(prefix)
         self.channel = f"{prefix}:replies:{uuid.uuid4().hex}"
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._interim: dict[str, Reply] = {}
-        self._pubsub: PubSub | None = None
+        self._pubsub: AnyPubSub | None = None
         self._listener: asyncio.Task[None] | None = None
         self._partition_count: int | None = None
 
@@ -95,9 +99,10 @@ class UpdateClient:
                 self._waiting.setdefault(job_id, loop.create_future())
 
         partitions = await self._partitions()
+        redis = await self._redis()
 
         async def send() -> None:
-            async with self._redis.pipeline(transaction=False) as pipe:
+            async with redis.pipeline(transaction=False) as pipe:
                 for _, encoded, _, order_key in prepared:
                     pipe.xadd(self._stream(order_key, partitions), {"job": encoded})
                 await pipe.execute()
@@ -109,8 +114,18 @@ class UpdateClient:
     async def _partitions(self) -> int | None:
         """The deployment's partition count, once its first worker recorded it."""
         if self._partition_count is None:
-            self._partition_count = await deployment.recorded_partitions(self._redis, self.names)
+            self._partition_count = await deployment.recorded_partitions(
+                await self._redis(), self.names
+            )
         return self._partition_count
+
+    async def _redis(self) -> AnyRedis:
+        """The client: the one given, or one opened at the first call."""
+        if self._given is None:
+            assert self._target is not None  # noqa: S101 - one of the two is set
+            self._given = await open_redis(self._target)
+            check_prefix(self._given, self.names.prefix)
+        return self._given
 
     def _stream(self, order_key: str, partitions: int | None) -> str:
         """Straight to the job's partition (DESIGN.md §11), saving the mover's hop; to the
@@ -152,7 +167,7 @@ class UpdateClient:
             pass
         finally:
             self._waiting.pop(job_id, None)
-        stored = await self._redis.get(self.names.result(job_id))
+        stored = await (await self._redis()).get(self.names.result(job_id))
         if stored is not None:
             return Reply.model_validate_json(stored)
         if interim := self._interim.pop(job_id, None):
@@ -199,24 +214,31 @@ class UpdateClient:
                 await self._listener
         if self._pubsub is not None:
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
-        if self._owns_redis:
-            await self._redis.aclose()
+        if self._owns_redis and self._given is not None:
+            await self._given.aclose()
 
     async def _listen(self) -> None:
         if self._pubsub is None:
-            self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            await self._pubsub.subscribe(self.channel)
-            self._listener = asyncio.create_task(
-                self._dispatch(self._pubsub), name="update-client replies"
-            )
+            self._pubsub = await self._subscribe()
+            self._listener = asyncio.create_task(self._dispatch(), name="update-client replies")
 
-    async def _dispatch(self, pubsub: PubSub) -> None:
+    async def _subscribe(self) -> AnyPubSub:
+        pubsub = (await self._redis()).pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(self.channel)
+        return pubsub
+
+    async def _dispatch(self) -> None:
         while True:
+            assert self._pubsub is not None  # noqa: S101 - set before this task starts
             try:
-                message = await pubsub.get_message(timeout=None)
+                message = await self._pubsub.get_message(timeout=None)
             except RedisError:
-                # A lost connection: result() falls back to the result key at its deadline.
+                # A lost connection, or a failed-over node: listen again (through the
+                # cluster's or Sentinel's new view), then look up what was published
+                # meanwhile under the result keys.
                 await asyncio.sleep(_POLL_MAX_S)
+                with contextlib.suppress(RedisError):
+                    await self._resubscribe()
                 continue
             if message is None or message.get("type") != "message":
                 continue
@@ -227,19 +249,32 @@ class UpdateClient:
                 # must outlive it.
                 log.warning("ignored a message on %s that is no reply", self.channel)
                 continue
-            future = self._waiting.get(reply.id)
-            if future is None or future.done():
-                continue
-            if reply.final:
-                future.set_result(reply)
-            else:
-                self._interim[reply.id] = reply
+            self._deliver(reply)
+
+    def _deliver(self, reply: Reply) -> None:
+        future = self._waiting.get(reply.id)
+        if future is None or future.done():
+            return
+        if reply.final:
+            future.set_result(reply)
+        else:
+            self._interim[reply.id] = reply
+
+    async def _resubscribe(self) -> None:
+        old, self._pubsub = self._pubsub, await self._subscribe()
+        if old is not None:
+            with contextlib.suppress(RedisError):
+                await old.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+        redis = await self._redis()
+        for job_id in [job_id for job_id, future in self._waiting.items() if not future.done()]:
+            if (stored := await redis.get(self.names.result(job_id))) is not None:
+                self._deliver(Reply.model_validate_json(stored))
 
     async def _poll(self, job_id: str) -> Reply:
         """For ids this client did not submit: watch the result key, backing off."""
         delay = _POLL_START_S
         while True:
-            stored = await self._redis.get(self.names.result(job_id))
+            stored = await (await self._redis()).get(self.names.result(job_id))
             if stored is not None:
                 reply = Reply.model_validate_json(stored)
                 if reply.final:

@@ -197,12 +197,36 @@ def classify(error: BaseException) -> WorkerError:
         return InvalidValue(f"value rejected: {_first_line(error.orig or error)}")
     if isinstance(error, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         return Unavailable(f"redis: {_first_line(error)}", reason="redis_connection")
+    if _redis_failing_over(error):
+        return Unavailable(f"redis: {_first_line(error)}", reason="redis_failover")
     if isinstance(error, asyncio.TimeoutError | TimeoutError):
         return JobTimeout("the job did not finish in time")
     if isinstance(error, OSError):
         # ConnectionRefusedError and friends, raised by a driver's connect before it wraps them.
         return Unavailable(f"connection failed: {_first_line(error)}", reason="connection")
     return InternalError(f"{type(error).__name__}: {_first_line(error)}")
+
+
+#: Replies of a Redis whose primary is changing (a failover, a resharding): each passes once
+#: the cluster or Sentinel has settled. redis-py raises some as classes of their own.
+_FAILOVER_ERRORS = (
+    redis.exceptions.MovedError,
+    redis.exceptions.AskError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.BusyLoadingError,
+)
+_FAILOVER_PREFIXES = ("UNBLOCKED", "READONLY", "MASTERDOWN", "LOADING", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def _redis_failing_over(error: BaseException) -> bool:
+    if isinstance(error, _FAILOVER_ERRORS):
+        return True
+    return isinstance(error, redis.exceptions.ResponseError) and str(error).startswith(
+        _FAILOVER_PREFIXES
+    )
 
 
 def _classify_dbapi(error: sa_exc.DBAPIError) -> WorkerError:

@@ -24,10 +24,16 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 from pydantic_settings.sources.utils import parse_env_vars
-from redis.asyncio import Redis
 
 from worker.errors import SettingsError
-from worker.stream.client import RedisTLS, connect
+from worker.stream.client import (
+    AnyRedis,
+    RedisTarget,
+    RedisTLS,
+    check_prefix,
+    open_redis,
+    parse_sentinels,
+)
 
 ENV_PREFIX: Final = "WORKER_"
 CommaList = Annotated[tuple[str, ...], NoDecode]
@@ -48,6 +54,15 @@ class Settings(BaseSettings):
     )
     redis_cert_file: str | None = Field(None, description="client certificate for rediss://")
     redis_key_file: str | None = Field(None, description="client key for rediss://")
+    redis_cluster: Literal["auto", "yes", "no"] = Field(
+        "auto", description="Redis Cluster: auto (the server says), yes or no"
+    )
+    redis_sentinels: CommaList = Field(
+        (), description="comma list of sentinels (host:port or redis(s)://...) naming the primary"
+    )
+    redis_sentinel_service: str = Field(
+        "mymaster", min_length=1, description="the name the sentinels know the primary by"
+    )
     database_url: str = Field(
         "sqlite+aiosqlite:///./update-worker.db",
         description="SQLAlchemy async URL: postgresql+asyncpg://... or sqlite+aiosqlite:///...",
@@ -110,7 +125,8 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="text or json")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
-    @field_validator("tables", "readonly_columns", "writable_keys", mode="before")
+    @field_validator("tables", "readonly_columns", "writable_keys", "redis_sentinels",
+                     mode="before")  # fmt: skip
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -128,6 +144,12 @@ class Settings(BaseSettings):
     def _redis_scheme(cls, value: str) -> str:
         if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinel_addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        parse_sentinels(value)
         return value
 
     @field_validator("database_url")
@@ -150,14 +172,32 @@ class Settings(BaseSettings):
         # The environment comes in through load_settings(environ), never from os.environ here.
         return (init_settings,)
 
-    def redis(self, *, block_ms: int = 0) -> Redis:
-        """A Redis client for these settings (URL, TLS files)."""
-        tls = RedisTLS(self.redis_ca_file, self.redis_cert_file, self.redis_key_file)
-        return connect(self.redis_url, block_ms=block_ms, tls=tls)
+    def redis_target(self) -> RedisTarget:
+        """Where Redis is: the URL, TLS files, cluster mode and sentinels."""
+        return RedisTarget(
+            self.redis_url,
+            RedisTLS(self.redis_ca_file, self.redis_cert_file, self.redis_key_file),
+            cluster=self.redis_cluster,
+            sentinels=self.redis_sentinels,
+            sentinel_service=self.redis_sentinel_service,
+        )
+
+    async def redis(self, *, block_ms: int = 0) -> AnyRedis:
+        """A Redis client for these settings: one server, a cluster, or Sentinel's primary."""
+        redis = await open_redis(self.redis_target(), block_ms=block_ms)
+        try:
+            check_prefix(redis, self.prefix)
+        except ValueError as error:
+            await redis.aclose()
+            raise SettingsError(str(error)) from None
+        return redis
 
     def __repr_args__(self) -> Any:
         for name, value in super().__repr_args__():
-            yield name, mask_url(value) if name in ("redis_url", "database_url") else value
+            if name == "redis_sentinels":
+                yield name, tuple(mask_url(item) for item in value)
+            else:
+                yield name, mask_url(value) if name in ("redis_url", "database_url") else value
 
 
 class _MappingEnvSource(EnvSettingsSource):
@@ -215,14 +255,17 @@ def field_infos() -> Mapping[str, FieldInfo]:
 
 
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by ``***``, for logs, errors and --help."""
+    """The URL with any password replaced by ``***``, for logs, errors and --help; each of
+    a comma list of them (sentinels, several hosts)."""
+    if "," in url:
+        return ",".join(mask_url(part) for part in url.split(","))
     try:
         parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
     except ValueError:
         return "<unparsable url>"
     if parts.password is None:
         return url
     user = parts.username or ""
     host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))

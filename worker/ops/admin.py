@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import sqlalchemy as sa
-from redis.asyncio import Redis
-from redis.asyncio.connection import SSLConnection
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import Connection, SSLConnection
 from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -23,13 +23,14 @@ from worker.db.ledger import LEDGER_TABLE, ledger
 from worker.errors import classify
 from worker.ops.logs import mask_secrets
 from worker.stream import deployment
+from worker.stream.client import AnyRedis
 from worker.stream.names import Names, text
 
 #: How a TLS server answers a plaintext client: it drops the connection.
 _DROPPED = re.compile(r"reset by peer|closed by server|Connection closed|EOF", re.IGNORECASE)
 
 
-async def reachability(redis: Redis, engine: AsyncEngine, *, deadline_s: float) -> list[str]:
+async def reachability(redis: AnyRedis, engine: AsyncEngine, *, deadline_s: float) -> list[str]:
     """Redis answers PING and the database ``SELECT 1``, each within ``deadline_s``."""
 
     async def database() -> None:
@@ -40,7 +41,7 @@ async def reachability(redis: Redis, engine: AsyncEngine, *, deadline_s: float) 
         _problem("redis", redis.ping, deadline_s),
         _problem("database", database, deadline_s),
     )
-    plaintext = not issubclass(redis.connection_pool.connection_class, SSLConnection)
+    plaintext = not issubclass(_connection_class(redis), SSLConnection)
     return [
         f"{problem} (a TLS port? use rediss://)"
         if plaintext and problem.startswith("redis:") and _DROPPED.search(problem)
@@ -50,8 +51,15 @@ async def reachability(redis: Redis, engine: AsyncEngine, *, deadline_s: float) 
     ]
 
 
+def _connection_class(redis: AnyRedis) -> type:
+    if isinstance(redis, RedisCluster):
+        found: type = redis.connection_kwargs.get("connection_class", Connection)
+        return found
+    return redis.connection_pool.connection_class
+
+
 async def setup(
-    redis: Redis,
+    redis: AnyRedis,
     engine: AsyncEngine,
     names: Names,
     group: str,
@@ -88,7 +96,7 @@ async def setup(
     return problems
 
 
-async def deployment_problems(redis: Redis, names: Names, partitions: int) -> list[str]:
+async def deployment_problems(redis: AnyRedis, names: Names, partitions: int) -> list[str]:
     """Live workers on the prefix that would answer the same job differently; a partition
     count other than the recorded one; partitions no live worker owns."""
     try:
@@ -139,7 +147,9 @@ async def local_readiness(port: int, *, deadline_s: float) -> str | None:
         return f"worker: no worker answers /readyz on :{port} ({error or 'no answer'})"
 
 
-async def backlog(redis: Redis, names: Names, group: str, partitions: int) -> tuple[int, int, int]:
+async def backlog(
+    redis: AnyRedis, names: Names, group: str, partitions: int
+) -> tuple[int, int, int]:
     """Entries in the ingest and partition streams (unread plus pending), the group's pending
     count over them, and the ingest's own length (entries not yet moved)."""
     streams = [names.stream, *map(names.partition, range(partitions))]

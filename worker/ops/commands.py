@@ -15,7 +15,6 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from redis.asyncio import Redis
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -32,14 +31,15 @@ from worker.ops.snapshot import Snapshot, snapshot
 from worker.ops.submitfile import Totals, submit_lines
 from worker.settings import Settings, mask_url, parse_duration
 from worker.stream import deadletters, deployment
+from worker.stream.client import AnyRedis
 from worker.stream.names import Names
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
 
 @contextlib.asynccontextmanager
-async def _services(settings: Settings) -> AsyncIterator[tuple[Redis, AsyncEngine]]:
-    redis = settings.redis()
+async def _services(settings: Settings) -> AsyncIterator[tuple[AnyRedis, AsyncEngine]]:
+    redis = await settings.redis()
     engine = create_engine(settings.database_url, pool_size=1)
     try:
         yield redis, engine
@@ -75,7 +75,7 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
 def stats(settings: Settings, args: argparse.Namespace) -> int:
     async def show() -> None:
         names = Names(settings.prefix)
-        redis = settings.redis()
+        redis = await settings.redis()
         try:
             before = await snapshot(redis, names, settings.group)
             await asyncio.sleep(min(args.interval, 1.0))
@@ -121,13 +121,16 @@ def _stats_table(settings: Settings, now: Snapshot, rate: float) -> Group:
         owns = ",".join(map(str, held.get(consumer.name, []))) or "-"
         table.add_row(f"  {consumer.name}", f"{state}, {consumer.pending:,} pending, "
                       f"idle {consumer.idle_s:.1f} s, partitions {owns}")  # fmt: skip
-    parts = Table("partition", "owner", "backlog", "pending", "oldest", title="partitions",
+    clustered = any(view.primary for view in now.partitions)
+    columns = ["partition", "owner", "backlog", "pending", "oldest"]
+    parts = Table(*columns, *(["primary"] if clustered else []), title="partitions",
                   title_justify="left")  # fmt: skip
     for view in now.partitions:
         stalled = view.owner is None or view.owner not in now.alive
         owner = f"[bold red]{view.owner or 'none'}[/]" if stalled else view.owner
         age = "-" if view.oldest_pending_age_s is None else f"{view.oldest_pending_age_s:.1f} s"
-        parts.add_row(str(view.number), owner, f"{view.length:,}", f"{view.pending:,}", age)
+        parts.add_row(str(view.number), owner, f"{view.length:,}", f"{view.pending:,}", age,
+                      *([view.primary or "?"] if clustered else []))  # fmt: skip
     return Group(table, parts)
 
 
@@ -137,7 +140,7 @@ def partitions(settings: Settings, args: argparse.Namespace) -> int:
 
     async def run() -> int:
         names = Names(settings.prefix)
-        redis = settings.redis()
+        redis = await settings.redis()
         try:
             recorded = await deployment.recorded_partitions(redis, names)
             if args.set is None:
@@ -169,7 +172,7 @@ def dead(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _dead(settings: Settings, args: argparse.Namespace) -> int:
     names = Names(settings.prefix)
-    redis = settings.redis()
+    redis = await settings.redis()
     try:
         if args.action == "show":
             letter = await deadletters.find(redis, names, args.letter_id)
@@ -242,7 +245,7 @@ def submit_file(settings: Settings, args: argparse.Namespace) -> int:
 
     async def send() -> Totals:
         async with UpdateClient(
-            settings.redis(), prefix=settings.prefix, owns_redis=True
+            await settings.redis(), prefix=settings.prefix, owns_redis=True
         ) as client:
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TimeElapsedColumn())  # fmt: skip

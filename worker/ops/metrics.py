@@ -18,7 +18,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -29,7 +29,9 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
 
 from worker.job.replies import Reply
 
@@ -73,6 +75,9 @@ class Metrics:
                                   "job on the same order key", registry=self.registry)  # fmt: skip
         self.ingest = Gauge("update_worker_ingest_entries", "Entries in the ingest stream not "
                             "yet moved to their partitions", registry=self.registry)  # fmt: skip
+        #: On a Redis Cluster: primary -> how many of this worker's partitions it holds.
+        self.by_primary: Callable[[], Mapping[str, int]] | None = None
+        self.registry.register(_ByPrimary(self))
         self.last_turn = time.monotonic()
         # labels() takes a lock and builds a key on every call: the children, kept per label
         # values (a handful: statuses x tables from the schema), cost a dict lookup per job.
@@ -108,6 +113,21 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ByPrimary(Collector):
+    """``update_worker_partitions_by_primary{primary}``, read at scrape time (a cluster only)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("update_worker_partitions_by_primary", "Partitions this "
+                                   "worker serves, by the Redis Cluster primary that holds "
+                                   "them", labels=["primary"])  # fmt: skip
+        for primary, count in sorted((self._metrics.by_primary or dict)().items()):
+            family.add_metric([primary], count)
+        yield family
 
 
 @dataclass(frozen=True, slots=True)

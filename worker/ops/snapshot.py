@@ -9,10 +9,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from worker.stream import deployment
+from worker.stream.client import AnyRedis, primary_of
 from worker.stream.names import Names, entry_ms, text
 
 
@@ -30,6 +30,8 @@ class Partition:
     length: int
     pending: int
     oldest_pending_age_s: float | None
+    #: On a Redis Cluster, the primary (``host:port``) that holds the partition's slot.
+    primary: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +57,7 @@ class Snapshot:
         return max(0, self.answered - earlier.answered) / elapsed if elapsed > 0 else 0.0
 
 
-async def snapshot(redis: Redis, names: Names, group: str) -> Snapshot:
+async def snapshot(redis: AnyRedis, names: Names, group: str) -> Snapshot:
     count = await deployment.recorded_partitions(redis, names) or 0
     ingest = int(await redis.xlen(names.stream))
     views, answered = [], 0
@@ -76,7 +78,8 @@ async def snapshot(redis: Redis, names: Names, group: str) -> Snapshot:
         pending = int(info.get("pending", 0))
         answered += int(info.get("entries-read") or 0) - pending
         views.append(Partition(number, None if owner is None else text(owner),
-                               int(await redis.xlen(stream)), pending, oldest))  # fmt: skip
+                               int(await redis.xlen(stream)), pending, oldest,
+                               primary_of(redis, stream)))  # fmt: skip
     alive = frozenset(record.consumer for record in await deployment.records(redis, names)
                       if record.live)  # fmt: skip
     for name in alive | {view.owner for view in views if view.owner}:
@@ -99,7 +102,7 @@ async def snapshot(redis: Redis, names: Names, group: str) -> Snapshot:
     )
 
 
-async def _group(redis: Redis, stream: str, group: str) -> dict[str, Any]:
+async def _group(redis: AnyRedis, stream: str, group: str) -> dict[str, Any]:
     try:
         groups = await redis.xinfo_groups(stream)
     except ResponseError:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from redis.exceptions import ResponseError
@@ -27,6 +27,7 @@ from worker.service.lanes import Lanes
 from worker.service.ownership import Ownership
 from worker.service.units import Pace, Work, order_key, prepare, units
 from worker.settings import Settings
+from worker.stream.client import primary_of
 from worker.stream.mover import Mover
 from worker.stream.names import Entry
 from worker.stream.reading import Reader
@@ -90,6 +91,12 @@ class Worker:
         metrics = self.answers.metrics
         metrics.in_flight.set_function(lambda: len(held))  # read at scrape time
         metrics.owned.set_function(lambda: len(self.ownership.generations))
+        if self.transport.cluster:
+            redis, names = self.transport.redis, self.transport.names
+            metrics.by_primary = lambda: Counter(
+                primary_of(redis, names.partition(number)) or "?"
+                for number in self.ownership.generations
+            )
         self.ownership.settle = self._settle
         helpers = asyncio.Event()  # stops the ownership and mover loops, after the drain
         if burst:
@@ -137,6 +144,7 @@ class Worker:
             await self._drain(tasks)
             helpers.set()
             await asyncio.gather(*background, return_exceptions=True)
+            await self.reader.close()
 
     async def _summaries(self, stop: asyncio.Event) -> None:
         """An INFO line every SUMMARY_S with the jobs answered meanwhile, and a last one."""
@@ -211,19 +219,25 @@ class Worker:
                 else:
                     waiting.result()  # raises a Redis fault, handled below
         except ResponseError as error:
-            if "NOGROUP" not in str(error):
+            if "NOGROUP" in str(error):
+                # A stream or the group vanished (a Redis restart without persistence, a DEL).
+                log.warning("the consumer group is missing on a partition; recreating it")
+                await self.transport.ensure_groups(self.settings.partitions)
+                return []
+            if not classify(error).retryable:  # a failover passes; anything else is a bug
                 raise
-            # A stream or the group vanished (a Redis restart without persistence, a DEL).
-            log.warning("the consumer group is missing on a partition; recreating it")
-            await self.transport.ensure_groups(self.settings.partitions)
+            await self._after_read_fault(error, stop)
             return []
         except Exception as error:  # noqa: BLE001 - classified and logged, then retried
-            log.warning("reading jobs failed (%s); retrying", classify(error).message)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), _READ_RETRY_S)
+            await self._after_read_fault(error, stop)
             return []
         # Entries of a partition lost meanwhile are not served here: the new owner claims them.
         return self.ownership.serving(batch.entries)
+
+    async def _after_read_fault(self, error: Exception, stop: asyncio.Event) -> None:
+        log.warning("reading jobs failed (%s); retrying", classify(error).message)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), _READ_RETRY_S)
 
     async def _drain(self, in_flight: set[asyncio.Task[None]]) -> None:
         """Give running jobs the grace period, then cancel them; they stay pending."""

@@ -143,7 +143,7 @@ class Ownership:
                 claim = await self.reader.claim_all(number)
             except ResponseError as error:
                 if "NOGROUP" not in str(error):
-                    raise
+                    raise  # a failover's errors too: the takeover fails and is tried again
                 # The stream or group vanished (a DEL, a Redis restart without persistence).
                 await self.transport.ensure_groups(self.leases.partitions)
                 claim = await self.reader.claim_all(number)

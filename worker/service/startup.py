@@ -53,7 +53,7 @@ async def open_worker(settings: Settings) -> AsyncIterator[Worker]:
     engine = create_engine(settings.database_url, pool_size=settings.concurrency, timeouts=timeouts)
     metrics = Metrics()
     transport = Transport(
-        settings.redis(block_ms=settings.block_ms),
+        await settings.redis(block_ms=settings.block_ms),
         Names(settings.prefix),
         group=settings.group,
         consumer=settings.consumer,

@@ -14,8 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
-
+from worker.stream.client import AnyRedis, is_cluster
 from worker.stream.names import Names, entry_ms, text
 
 _PAGE = 500
@@ -67,7 +66,7 @@ class Letter:
         return document if isinstance(document, dict) else {}
 
 
-async def letters(redis: Redis, names: Names) -> AsyncIterator[Letter]:
+async def letters(redis: AnyRedis, names: Names) -> AsyncIterator[Letter]:
     """Every dead letter, oldest first, read a page at a time."""
     start = "-"
     while page := await redis.xrange(names.dead, min=start, count=_PAGE):
@@ -79,27 +78,37 @@ async def letters(redis: Redis, names: Names) -> AsyncIterator[Letter]:
             return
 
 
-async def find(redis: Redis, names: Names, letter_id: str) -> Letter | None:
+async def find(redis: AnyRedis, names: Names, letter_id: str) -> Letter | None:
     page = await redis.xrange(names.dead, min=letter_id, max=letter_id, count=1)
     if not page:
         return None
     return _letter(*page[0])
 
 
-async def replay(redis: Redis, names: Names, chosen: Sequence[Letter]) -> list[tuple[Letter, str]]:
+async def replay(
+    redis: AnyRedis, names: Names, chosen: Sequence[Letter]
+) -> list[tuple[Letter, str]]:
     """Put each letter's job back on the job stream and remove the letter, in one MULTI per
-    letter (never one without the other); ``(letter, new entry id)`` for each."""
+    letter (never one without the other); ``(letter, new entry id)`` for each.
+
+    On a cluster the two keys live in different slots: the job is added first, then the
+    letter removed. A failure in between leaves the letter (and the job on the stream); a
+    second replay adds the job again under its same id, which the ledger answers once."""
     done = []
     for letter in chosen:
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(names.stream, {"job": letter.replay_body()})
-            pipe.xdel(names.dead, letter.id)
-            new_id, _ = await pipe.execute()
+        if is_cluster(redis):
+            new_id = await redis.xadd(names.stream, {"job": letter.replay_body()})
+            await redis.xdel(names.dead, letter.id)
+        else:
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(names.stream, {"job": letter.replay_body()})
+                pipe.xdel(names.dead, letter.id)
+                new_id, _ = await pipe.execute()
         done.append((letter, text(new_id)))
     return done
 
 
-async def purge(redis: Redis, names: Names, chosen: Sequence[Letter]) -> int:
+async def purge(redis: AnyRedis, names: Names, chosen: Sequence[Letter]) -> int:
     removed = 0
     for start in range(0, len(chosen), _PAGE):
         ids = [letter.id for letter in chosen[start : start + _PAGE]]

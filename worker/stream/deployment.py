@@ -17,9 +17,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from redis.asyncio import Redis
-
 from worker.job.plans import Policy
+from worker.stream.client import AnyRedis
 from worker.stream.names import Names, text
 
 if TYPE_CHECKING:
@@ -89,7 +88,7 @@ class Record:
         return time.time() - self.seen_s < LIVE_S
 
 
-async def announce(redis: Redis, names: Names, consumer: str, offered: Offer) -> None:
+async def announce(redis: AnyRedis, names: Names, consumer: str, offered: Offer) -> None:
     """Write (or refresh) this worker's record, and forget workers gone for long."""
     body = {"tables": offered.tables, "settings": offered.settings,
             "fingerprint": offered.fingerprint, "seen_s": time.time()}  # fmt: skip
@@ -99,22 +98,22 @@ async def announce(redis: Redis, names: Names, consumer: str, offered: Offer) ->
         await redis.hdel(names.meta, *forgotten)
 
 
-async def record_partitions(redis: Redis, names: Names, partitions: int) -> int:
+async def record_partitions(redis: AnyRedis, names: Names, partitions: int) -> int:
     """Record the partition count P if none is, and return the recorded one."""
     await redis.hsetnx(names.meta, PARTITIONS, partitions)
     return int(await redis.hget(names.meta, PARTITIONS) or partitions)
 
 
-async def recorded_partitions(redis: Redis, names: Names) -> int | None:
+async def recorded_partitions(redis: AnyRedis, names: Names) -> int | None:
     found = await redis.hget(names.meta, PARTITIONS)
     return None if found is None else int(found)
 
 
-async def withdraw(redis: Redis, names: Names, consumer: str) -> None:
+async def withdraw(redis: AnyRedis, names: Names, consumer: str) -> None:
     await redis.hdel(names.meta, _FIELD + consumer)
 
 
-async def records(redis: Redis, names: Names) -> list[Record]:
+async def records(redis: AnyRedis, names: Names) -> list[Record]:
     """Every worker record, the live and the gone, by consumer name."""
     found = []
     raw: Mapping[Any, Any] = await redis.hgetall(names.meta)

@@ -16,7 +16,8 @@ scripts make it safe, each confined to one slot, so the same code serves a Redis
   mark is already there (skipped). Every mover moves its entries in ingest order, so a mark
   past an id means that id was moved.
 - **Ack** (ingest slot): XACK and XDEL once the moves are done. A crash in between repeats
-  moves, which the marks skip.
+  moves, which the marks skip. On a cluster, once a replica of each partition's primary also
+  has them (worker/stream/replicated.py): a failover must not keep the ack and lose a move.
 
 A moved entry keeps its fields and gains ``src``, its ingest entry id: a job without an ``id``
 is known by that id, the one its producer's XADD returned.
@@ -32,19 +33,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from worker.errors import classify
 from worker.job.order import partition_of_raw
 from worker.stream import mover_lua as lua
+from worker.stream.client import AnyRedis
 from worker.stream.names import Names, text
+from worker.stream.replicated import ReplicatedWrites
 from worker.stream.scripts import Call, run_each
 
 log = logging.getLogger(__name__)
 
 #: The ingest entry's id in a moved entry.
 SOURCE: Final = b"src"
+#: On a cluster, how long a replica may take to confirm a round of moves.
+_WAIT_REPLICA_MS: Final = 1000
 
 
 @dataclass
@@ -59,7 +64,7 @@ class Moved:
 
 @dataclass
 class Mover:
-    redis: Redis
+    redis: AnyRedis
     names: Names
     me: str
     group: str
@@ -74,7 +79,11 @@ class Mover:
     #: When the lease was last taken or renewed (event-loop time).
     _renewed_at: float = field(default=0.0, init=False)
 
+    _replicated: ReplicatedWrites | None = field(default=None, init=False)
+
     def __post_init__(self) -> None:
+        if isinstance(self.redis, RedisCluster):
+            self._replicated = ReplicatedWrites(self.redis, timeout_ms=_WAIT_REPLICA_MS)
         self._acquire = self.redis.register_script(lua.ACQUIRE)
         self._renew = self.redis.register_script(lua.RENEW)
         self._release = self.redis.register_script(lua.RELEASE)
@@ -179,7 +188,10 @@ class Mover:
             ([self.names.partition(number), self.names.moved(number)], [self.generation, *args])
             for number, args in by_partition.items()
         ]
-        results = await run_each(self.redis, self._move, calls)
+        if self._replicated is not None:
+            results = await self._replicated.run(self._move, calls)
+        else:
+            results = await run_each(self.redis, self._move, calls)
         if any(int(result) < 0 for result in results):
             log.warning("mover generation %d was fenced out by a newer mover; stopping",
                         self.generation)  # fmt: skip
@@ -199,11 +211,16 @@ class Mover:
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(stop.wait(), tick_s)
                 except ResponseError as error:
-                    if "NOGROUP" not in str(error):
+                    if "NOGROUP" in str(error):
+                        # The stream or group vanished (a Redis restart without persistence).
+                        log.warning("ingest mover: the group is missing; recreating it")
+                        await self.ensure_group()
+                        continue
+                    if not classify(error).retryable:  # a failover passes; the rest is a bug
                         raise
-                    # The stream or group vanished (a Redis restart without persistence, a DEL).
-                    log.warning("ingest mover: the group is missing; recreating it")
-                    await self.ensure_group()
+                    log.warning("ingest mover: %s", classify(error).message)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), tick_s)
                 except Exception as error:  # noqa: BLE001 - logged; tried again next turn
                     log.warning("ingest mover: %s", classify(error).message)
                     with contextlib.suppress(TimeoutError):
@@ -211,6 +228,8 @@ class Mover:
         finally:
             with contextlib.suppress(Exception):
                 await self.release()
+            if self._replicated is not None:
+                await self._replicated.aclose()
 
     async def _turn(self, tick_s: float, idle_block_ms: int) -> bool:
         """One turn; False when there is nothing to do but wait a tick."""

@@ -20,8 +20,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from redis.asyncio import Redis
-
+from worker.stream.client import AnyRedis
 from worker.stream.names import Names, text
 from worker.stream.scripts import Call, run_each
 
@@ -74,7 +73,7 @@ def plan(
 class Leases:
     """This worker's leases on partitions, in Redis."""
 
-    redis: Redis
+    redis: AnyRedis
     names: Names
     me: str
     partitions: int

@@ -12,17 +12,21 @@ were seen empty by the wait. Once those reads have emptied their partitions too,
 asks nothing of Redis: it hands back every partition as idle, and the wait that follows (one
 XREAD, past the same ids) returns at once for anything added meanwhile. So a lone job costs
 one script and one XREAD, not a script per owned partition while it runs.
+
+On a Redis Cluster one XREAD cannot name streams of different slots, so the wait is one
+blocked XREAD per partition; each is kept until it returns, across waits (a fresh set per wait
+would leave the earlier ones blocked, a connection each, until their BLOCK ran out).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from redis.asyncio import Redis
-
+from worker.stream.client import AnyRedis, is_cluster
 from worker.stream.names import Claim, Entry, Names, text
 from worker.stream.scripts import Call, run_each
 
@@ -60,7 +64,7 @@ class Batch:
 
 
 class Reader:
-    def __init__(self, redis: Redis, names: Names, *, group: str, consumer: str) -> None:
+    def __init__(self, redis: AnyRedis, names: Names, *, group: str, consumer: str) -> None:
         self.redis, self.names, self._group, self._consumer = redis, names, group, consumer
         self._read = redis.register_script(_READ)
         #: Partition -> the last id the group handed out there (to this worker, its reader).
@@ -71,6 +75,8 @@ class Reader:
         #: Partitions seen empty, past their ``_last``, since the last wait that saw entries:
         #: when they are all the owned ones, the next read needs no round trip.
         self._resting: set[int] = set()
+        #: On a cluster: partition -> its blocked XREAD, kept across waits until it returns.
+        self._watches: dict[int, asyncio.Future[Any]] = {}
 
     async def read(self, partitions: Collection[int], *, count: int) -> Batch:
         """New entries of ``partitions`` (in stream order within each), at most about
@@ -116,17 +122,52 @@ class Reader:
     async def wait(self, idle: Mapping[int, str], *, block_ms: int) -> None:
         """Return once any of the ``idle`` partitions has an entry past its last delivered
         id, or after ``block_ms``."""
-        if idle:
+        if not idle:
+            return
+        if is_cluster(self.redis):
+            woken = await self._wait_each(idle, block_ms=block_ms)
+        else:
             streams: dict[Any, Any] = {self.names.partition(number): last
                                        for number, last in idle.items()}  # fmt: skip
             found = await self.redis.xread(streams, count=1, block=block_ms)
             named = {self.names.partition(number): number for number in idle}
-            self._woken = {named[text(stream)] for stream, _ in _streams(found)}
-            # Only a wait that saw entries vouches for the rest: after a quiet one, the next
-            # read asks every partition (and so checks every lease) again.
-            if self._woken:
-                self._resting = {number for number in idle
-                                 if number in self._last} - self._woken  # fmt: skip
+            woken = {named[text(stream)] for stream, _ in _streams(found)}
+        self._woken = woken
+        # Only a wait that saw entries vouches for the rest: after a quiet one, the next read
+        # asks every partition (and so checks every lease) again.
+        if woken:
+            self._resting = {number for number in idle if number in self._last} - woken
+
+    async def _wait_each(self, idle: Mapping[int, str], *, block_ms: int) -> set[int]:
+        for number, last in idle.items():
+            if number not in self._watches:
+                streams: dict[Any, Any] = {self.names.partition(number): last}
+                self._watches[number] = asyncio.ensure_future(
+                    self.redis.xread(streams, count=1, block=block_ms)
+                )
+        await asyncio.wait(set(self._watches.values()), return_when=asyncio.FIRST_COMPLETED)
+        woken: set[int] = set()
+        failure: BaseException | None = None
+        for number, watch in list(self._watches.items()):
+            if watch.done():
+                del self._watches[number]
+                if watch.cancelled():
+                    continue
+                if (error := watch.exception()) is not None:
+                    failure = failure or error
+                elif watch.result():
+                    woken.add(number)
+        if failure is not None:
+            raise failure
+        return woken
+
+    async def close(self) -> None:
+        """Stop the blocked reads a cluster's waits left behind."""
+        watches, self._watches = list(self._watches.values()), {}
+        for watch in watches:
+            watch.cancel()
+        if watches:
+            await asyncio.wait(watches)
 
     async def claim_all(self, number: int) -> Claim:
         """Every entry pending in partition ``number``, whoever was handed it, now this
@@ -178,7 +219,7 @@ class Reader:
             await self.redis.xclaim(stream, self._group, self._consumer, 0, claimed)
 
 
-async def _pending_counts(redis: Redis, stream: str, group: str, consumer: str,
+async def _pending_counts(redis: AnyRedis, stream: str, group: str, consumer: str,
                           entry_ids: list[str]) -> dict[str, int]:  # fmt: skip
     if not entry_ids:
         return {}

@@ -1,31 +1,41 @@
 """Redis streams: groups, reply and ack, dead letters (DESIGN.md §1, §4, §6).
 
-Reading is reading.py, the ingest mover mover.py. Replies are stored, published and their
-entries acked in one script (atomic, like MULTI), so an entry is never acked without its reply,
-and never replied twice as "final". One script call, not a MULTI of four commands a job: the
-client parses one answer instead of 4N + 2.
+Reading is reading.py, the ingest mover mover.py, dead letters letters.py. Replies are stored,
+published and their entries acked in one script (atomic, like MULTI), so an entry is never
+acked without its reply, and never replied twice as "final". One script call, not a MULTI of
+four commands a job: the client parses one answer instead of 4N + 2.
+
+On a Redis Cluster a result key and a partition stream live in different slots, and nothing
+may span two (DESIGN.md §11): the replies are stored and published first (a script per reply,
+in its result key's slot), and only then are the entries acked (a script per partition), once
+a replica of each primary written to has the replies (worker/stream/replicated.py), so that a
+failover never keeps an ack and loses its reply. A crash in between leaves the entries
+pending; they run again and the ledger replays the same replies.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
 
-from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from worker.errors import REDIS_BACKOFF, retry_transient
 from worker.job.replies import Reply
 from worker.ops.metrics import Metrics
-from worker.stream.names import Entry, Names, text
-from worker.stream.scripts import run_each
+from worker.stream.client import AnyRedis, is_cluster
+from worker.stream.letters import LetterWriter
+from worker.stream.names import Entry, Names
+from worker.stream.replicated import ReplicatedWrites
+from worker.stream.scripts import Call, run_each
 
 log = logging.getLogger(__name__)
+
+#: On a cluster, how long a replica may take to confirm a group's replies.
+_WAIT_REPLICA_MS: Final = 1000
 
 #: KEYS: the result keys, one per reply, then the streams to ack in. ARGV: TTL, group, the
 #: number of replies, then per reply its data and channel, then per stream a count and the ids.
@@ -48,12 +58,27 @@ for k = replies + 1, #KEYS do
 end
 return replies
 """
+#: One reply on a cluster. KEYS: its result key. ARGV: TTL, data, channel.
+STORE: Final = """
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
+redis.call('PUBLISH', ARGV[3], ARGV[2])
+return 1
+"""
+#: One partition's acks on a cluster. KEYS: the stream. ARGV: group, then the ids.
+ACK: Final = """
+for first = 2, #ARGV, 500 do
+  local ids = {unpack(ARGV, first, math.min(first + 499, #ARGV))}
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
+  redis.call('XDEL', KEYS[1], unpack(ids))
+end
+return #ARGV - 1
+"""
 
 
 class Transport:
     def __init__(
         self,
-        redis: Redis,
+        redis: AnyRedis,
         names: Names,
         *,
         group: str,
@@ -70,6 +95,15 @@ class Transport:
         self._write_attempts = write_attempts
         self._metrics = metrics or Metrics()
         self._reply = redis.register_script(REPLY)
+        self._store = redis.register_script(STORE)
+        self._ack_script = redis.register_script(ACK)
+        self.cluster = is_cluster(redis)
+        self._replicated = (
+            ReplicatedWrites(redis, timeout_ms=_WAIT_REPLICA_MS) if isinstance(redis, RedisCluster)
+            else None
+        )  # fmt: skip
+        self._letters = LetterWriter(redis, names, group, consumer, result_ttl, self._metrics,
+                                     self._retried, self._replicated)  # fmt: skip
 
     async def ensure_groups(self, partitions: int) -> None:
         """Create the consumer group on the ingest and on every partition stream (and the
@@ -106,6 +140,9 @@ class Transport:
         """
         if not answers:
             return
+        if self.cluster:
+            await self._reply_by_slot(answers, ack=ack)
+            return
         keys: list[str] = []
         args: list[Any] = [self._result_ttl, self._group, len(answers)]
         acked: dict[str, list[str]] = defaultdict(list)
@@ -121,7 +158,30 @@ class Transport:
         async def once() -> None:
             await run_each(self.redis, self._reply, [(keys, args)])
 
-        await self._retried(once, what=f"{len(answers)} repl(y/ies), {answers[0][1].id} first")
+        await self._retried(once, f"{len(answers)} repl(y/ies), {answers[0][1].id} first")
+
+    async def _reply_by_slot(
+        self, answers: Sequence[tuple[Entry, Reply, str | None]], *, ack: bool | None
+    ) -> None:
+        """:meth:`reply_many` on a cluster: store and publish every reply, then ack."""
+        stores: list[Call] = [
+            ([self.names.result(reply.id)],
+             [self._result_ttl, reply.encode(), channel or self.names.replies])
+            for _, reply, channel in answers
+        ]  # fmt: skip
+        acked: dict[str, list[str]] = defaultdict(list)
+        for entry, reply, _ in answers:
+            if ack is not False and (ack or reply.final):
+                acked[self.names.partition(entry.partition)].append(entry.id)
+        acks: list[Call] = [([stream], [self._group, *ids]) for stream, ids in acked.items()]
+
+        async def once() -> None:
+            assert self._replicated is not None  # noqa: S101 - on a cluster
+            await self._replicated.run(self._store, stores)
+            if acks:
+                await run_each(self.redis, self._ack_script, acks)
+
+        await self._retried(once, f"{len(answers)} repl(y/ies), {answers[0][1].id} first")
 
     async def dead_letter(
         self,
@@ -133,79 +193,16 @@ class Transport:
         details: Mapping[str, str | int] | None = None,
     ) -> None:
         """Move an entry that can never succeed to the dead-letter stream, with its reply."""
-        letter: dict[Any, Any] = {
-            # The id its producer knows (the ingest's, for a moved entry), and where it was.
-            **self._letter(entry.known_as, reason),
-            "partition": entry.partition,
-            "partition_entry_id": entry.id,
-            "deliveries": entry.deliveries,
-            **(details or {}),
-        }
-        if (raw := entry.fields.get(b"job")) is not None:
-            letter["job"] = raw
-        if other := {key: value for key, value in entry.fields.items()
-                     if key not in (b"job", b"src")}:  # fmt: skip
-            letter["fields"] = json.dumps({text(key): text(value) for key, value in other.items()})
-        data = reply.encode()
-
-        def commands(pipe: Pipeline) -> None:
-            pipe.xadd(self.names.dead, letter)
-            pipe.set(self.names.result(reply.id), data, ex=self._result_ttl)
-            pipe.publish(channel or self.names.replies, data)
-            self._ack(pipe, [entry])
-
-        await self._write(commands, what=f"dead letter {entry.id}")
-        self._metrics.dead_letters.labels(reason).inc()
+        await self._letters.dead_letter(entry, reason=reason, reply=reply, channel=channel,
+                                        details=details)  # fmt: skip
 
     async def drop_deleted(self, partition: int, entry_ids: list[str]) -> None:
         """Ack entries whose data is gone, and leave a dead letter saying so for each."""
-        if not entry_ids:
-            return
+        await self._letters.drop_deleted(partition, entry_ids)
 
-        def commands(pipe: Pipeline) -> None:
-            for entry_id in entry_ids:
-                pipe.xack(self.names.partition(partition), self._group, entry_id)
-                pipe.xadd(self.names.dead, self._letter(entry_id, "entry_deleted"))
-
-        await self._write(commands, what="drop deleted entries")
-        self._metrics.dead_letters.labels("entry_deleted").inc(len(entry_ids))
-
-    async def _write(self, commands: Callable[[Pipeline], None], *, what: str) -> None:
-        """Run ``commands`` in one MULTI, again after a reconnect if Redis went away.
-
-        Running it twice is harmless: SET, XACK and XDEL are idempotent, a reply published
-        twice carries the same id, and a doubled dead letter replays under the same job id.
-        If Redis stays away the entry stays pending, and a worker claims it later.
-        """
-
-        async def once() -> None:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                commands(pipe)
-                await pipe.execute()
-
-        await self._retried(once, what=what)
-
-    async def _retried(self, once: Callable[[], Awaitable[None]], *, what: str) -> None:
+    async def _retried(self, once: Callable[[], Awaitable[None]], what: str) -> None:
         await retry_transient(once, attempts=self._write_attempts, backoff=REDIS_BACKOFF, what=what,
                               retried=self._metrics.retried)  # fmt: skip
-
-    def _letter(self, entry_id: str, reason: str) -> dict[Any, Any]:
-        return {
-            "entry_id": entry_id,
-            "reason": reason,
-            "worker": self._consumer,
-            "failed_at_ms": int(time.time() * 1000),
-        }
-
-    def _ack(self, pipe: Pipeline, entries: Sequence[Entry]) -> None:
-        # XDEL after XACK keeps the stream from growing forever: this group owns the stream, so
-        # once an entry is answered nobody needs it. XLEN is then the backlog plus pending.
-        by_stream: dict[str, list[str]] = defaultdict(list)
-        for entry in entries:
-            by_stream[self.names.partition(entry.partition)].append(entry.id)
-        for stream, entry_ids in by_stream.items():
-            pipe.xack(stream, self._group, *entry_ids)
-            pipe.xdel(stream, *entry_ids)
 
     async def leave(self, partitions: int) -> bool:
         """Remove this consumer from the groups where it holds nothing pending (a clean
@@ -223,4 +220,6 @@ class Transport:
         return left
 
     async def aclose(self) -> None:
+        if self._replicated is not None:
+            await self._replicated.aclose()
         await self.redis.aclose()
