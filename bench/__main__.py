@@ -7,7 +7,8 @@ update-worker runs with its default settings and the exactly-once ledger on: its
 XADDs in pipelined chunks and counts the replies on the reply channel. Each anchor runs one
 worker process with 10 concurrent jobs, from a virtual environment of its own
 (``.venv-bench-<name>``; see ``bench/anchors.py``). Then update-worker alone: SQLite, 1, 2 and
-4 worker processes on one group, and its memory after 20,000 and 200,000 jobs.
+4 worker processes on one group, the same on one Redis and on a Redis Cluster of three primaries
+(``bench/cluster.py``), and its memory after 20,000 and 200,000 jobs.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ async def main() -> None:
         "--skip",
         nargs="*",
         default=[],
-        help="parts to skip: drain anchors sqlite scaling memory",
+        help="parts to skip: drain anchors sqlite scaling cluster memory",
     )
     parser.add_argument("--drain-jobs", type=int, default=60_000)
     args = parser.parse_args()
@@ -104,6 +105,11 @@ async def main() -> None:
                 result = await run_ours(url, jobs=20_000, sequential=2, processes=processes)
             scaling[processes] = result["throughput"]
             print(f"  {processes} process(es): {scaling[processes]:>6.0f} jobs/s")
+    if "cluster" not in args.skip:
+        from bench.cluster import run_cluster_bench
+
+        print()
+        await run_cluster_bench(20_000)
     if "memory" not in args.skip:
         async with database("postgresql") as url:
             memory = await run_memory(url, first=20_000, total=args.memory_jobs)
