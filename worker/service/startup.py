@@ -66,7 +66,10 @@ async def open_worker(settings: Settings) -> AsyncIterator[Worker]:
     stopping = asyncio.Event()  # ends the helpers' loops; cancelling alone may not (below)
     served = False
     try:
-        async with engine.begin() as connection:
+        # BEGIN IMMEDIATE on SQLite: workers starting together on a fresh file queue for the
+        # write lock. A deferred transaction that read the schema and then creates the table
+        # fails at once (a stale snapshot) when another worker created it meanwhile.
+        async with engine.execution_options(**{WRITES: True}).begin() as connection:
             await ensure_ledger(connection)
         narrowing = {
             "tables": settings.tables,
