@@ -9,12 +9,15 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from redis.asyncio import Redis
 
 from tests.faults import free_port
+
+Deployment = TypeVar("Deployment", "PrivateCluster", "PrivateSentinel")
 
 
 def _binary(name: str) -> str:
@@ -249,3 +252,13 @@ class PrivateSentinel:
     def stop(self) -> None:
         for node in (self.primary, self.replica, *self.sentinels):
             node.kill()
+
+
+@contextlib.contextmanager
+def running(deployment: Deployment) -> Iterator[Deployment]:
+    """``deployment`` started (outside any event loop: for a fixture), and stopped after."""
+    try:
+        asyncio.run(deployment.start())
+        yield deployment
+    finally:
+        deployment.stop()

@@ -7,7 +7,6 @@ module points their ``redis_url`` and ``redis`` fixtures at it.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 
@@ -15,7 +14,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from tests.clusters import PrivateCluster
+from tests.clusters import PrivateCluster, running
 from tests.conftest import REDIS_URL, WorkerFactory, eventually
 from tests.faults import free_port
 from tests.test_operate import cli, http_get
@@ -51,12 +50,8 @@ __all__ = [
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateCluster]:
-    cluster = PrivateCluster(tmp_path_factory.mktemp("cluster"))
-    try:
-        asyncio.run(cluster.start())
-        yield cluster
-    finally:
-        cluster.stop()
+    with running(PrivateCluster(tmp_path_factory.mktemp("cluster"))) as deployment:
+        yield deployment
 
 
 @pytest.fixture

@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.clusters import PrivateCluster
+from tests.clusters import PrivateCluster, running
 from tests.faults import WorkerProcesses
-from tests.test_order import metadata, replies_for, sequential, series, step
+from tests.test_order import assert_series_applied, seed_series, step
 from tests.test_sentinel import both_serving
 from worker.errors import Unavailable
 from worker.job.order import derive_order_key, partition_of
@@ -39,12 +38,8 @@ _XADD = "return redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])"
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[PrivateCluster]:
-    cluster = PrivateCluster(tmp_path / "cluster")
-    try:
-        asyncio.run(cluster.start())
-        yield cluster
-    finally:
-        cluster.stop()
+    with running(PrivateCluster(tmp_path / "cluster")) as deployment:
+        yield deployment
 
 
 @pytest.fixture
@@ -88,9 +83,7 @@ async def test_jobs_survive_failovers_and_a_killed_worker_in_order_and_once(
     tmp_path: Path,
 ) -> None:  # fmt: skip
     prefix = "faults"
-    async with engine.begin() as connection:
-        await connection.run_sync(metadata.create_all)
-        await connection.execute(series.insert(), [{"id": row, "x": 0} for row in range(ROWS)])
+    await seed_series(engine, ROWS)
     workers = WorkerProcesses({"WORKER_DATABASE_URL": database_url, "WORKER_REDIS_URL": cluster.url,
                                "WORKER_PREFIX": prefix, "WORKER_LEASE_MS": "2000",
                                "WORKER_BLOCK_MS": "500", "WORKER_CONCURRENCY": "4"}, tmp_path)  # fmt: skip
@@ -129,19 +122,10 @@ async def test_jobs_survive_failovers_and_a_killed_worker_in_order_and_once(
             elif number == 3 * STEPS // 4:
                 workers.kill(first)
                 workers.spawn()
-        ids = [f"r{row}-s{number}" for number in range(STEPS) for row in range(ROWS)]
-        replies = await replies_for(redis, prefix, ids)  # type: ignore[arg-type]
-        out_of_order = [(job_id, reply.returning) for job_id, reply in replies.items()
-                        if reply.status != "ok" or reply.returning
-                        != [{"x": sequential(int(job_id.split("-s")[1]))}]]  # fmt: skip
-        assert out_of_order == [], (out_of_order[:10], workers.tail())
-        async with engine.connect() as connection:
-            final = dict((await connection.execute(sa.select(series.c.id, series.c.x))).all())
-            recorded = (await connection.execute(
-                sa.text("SELECT COUNT(*) FROM update_worker_ledger"))).scalar()  # fmt: skip
-        assert final == {row: sequential(STEPS - 1) for row in range(ROWS)}
-        assert recorded == len(ids)
-        print(f"cluster fault run: {len(ids)} jobs, failovers {[round(s, 1) for s in failovers]} s,"
+        answered = await assert_series_applied(
+            redis, prefix, engine, rows=ROWS, steps=STEPS, logs=workers.tail()
+        )
+        print(f"cluster fault run: {answered} jobs, failovers {[round(s, 1) for s in failovers]} s,"
               f" {producer.resent} batch(es) sent again, 1 worker killed")  # fmt: skip
         running = len(workers.alive())
         assert await workers.terminate() == [0] * running, workers.tail()

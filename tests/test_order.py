@@ -51,6 +51,33 @@ def shared_step(number: int) -> dict[str, Any]:
             "returning": ["x"]}  # fmt: skip
 
 
+async def seed_series(engine: AsyncEngine, rows: int) -> None:
+    async with engine.begin() as connection:
+        await connection.run_sync(metadata.create_all)
+        await connection.execute(series.insert(), [{"id": row, "x": 0} for row in range(rows)])
+
+
+async def assert_series_applied(
+    redis: Any, prefix: str, engine: AsyncEngine, *, rows: int, steps: int, logs: str
+) -> int:
+    """Every job of ``rows`` times ``steps`` (from :func:`step`) answered ``ok`` with the value
+    of applying them one by one, the rows' final values, and each job once in the ledger
+    (no other jobs ran). The number of jobs."""
+    ids = [f"r{row}-s{number}" for number in range(steps) for row in range(rows)]
+    replies = await replies_for(redis, prefix, ids)
+    wrong = [(job_id, reply.returning) for job_id, reply in replies.items()
+             if reply.status != "ok" or reply.returning
+             != [{"x": sequential(int(job_id.split("-s")[1]))}]]  # fmt: skip
+    assert wrong == [], (wrong[:10], logs)
+    async with engine.connect() as connection:
+        final = dict((await connection.execute(sa.select(series.c.id, series.c.x))).all())
+        recorded = (await connection.execute(
+            sa.text("SELECT COUNT(*) FROM update_worker_ledger"))).scalar()  # fmt: skip
+    assert final == {row: sequential(steps - 1) for row in range(rows)}
+    assert recorded == len(ids)
+    return len(ids)
+
+
 @pytest.fixture
 async def workers(
     engine: AsyncEngine, database_url: str, prefix: str, tmp_path: Path, redis_url: str

@@ -12,15 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.clusters import PrivateSentinel
+from tests.clusters import PrivateSentinel, running
 from tests.faults import WorkerProcesses
-from tests.test_order import metadata, replies_for, sequential, series, step
+from tests.test_order import assert_series_applied, seed_series, step
 from worker.errors import SettingsError
 from worker.settings import load_settings
 
@@ -29,12 +28,8 @@ ROWS, STEPS = 8, 30
 
 @pytest.fixture
 def sentinel(tmp_path: Path) -> Iterator[PrivateSentinel]:
-    deployment = PrivateSentinel(tmp_path / "sentinel")
-    try:
-        asyncio.run(deployment.start())
+    with running(PrivateSentinel(tmp_path / "sentinel")) as deployment:
         yield deployment
-    finally:
-        deployment.stop()
 
 
 @pytest.fixture
@@ -84,9 +79,7 @@ async def test_workers_follow_the_promoted_replica_and_answer_every_waited_job_o
     tmp_path: Path,
 ) -> None:  # fmt: skip
     prefix = "sentinel"
-    async with engine.begin() as connection:
-        await connection.run_sync(metadata.create_all)
-        await connection.execute(series.insert(), [{"id": row, "x": 0} for row in range(ROWS)])
+    await seed_series(engine, ROWS)
     workers = WorkerProcesses({"WORKER_DATABASE_URL": database_url,
                                "WORKER_REDIS_SENTINELS": sentinel.addresses,
                                "WORKER_REDIS_URL": "redis://ignored:1/0",
@@ -118,19 +111,10 @@ async def test_workers_follow_the_promoted_replica_and_answer_every_waited_job_o
             await asyncio.sleep(0.05)  # jobs in flight when the primary dies
             if number == STEPS // 2:
                 await sentinel.kill_primary()
-        ids = [f"r{row}-s{number}" for number in range(STEPS) for row in range(ROWS)]
-        replies = await replies_for(primary, prefix, ids)
-        wrong = [(job_id, reply.returning) for job_id, reply in replies.items()
-                 if reply.status != "ok" or reply.returning
-                 != [{"x": sequential(int(job_id.split("-s")[1]))}]]  # fmt: skip
-        assert wrong == [], (wrong[:10], workers.tail())
-        async with engine.connect() as connection:
-            final = dict((await connection.execute(sa.select(series.c.id, series.c.x))).all())
-            recorded = (await connection.execute(
-                sa.text("SELECT COUNT(*) FROM update_worker_ledger"))).scalar()  # fmt: skip
-        assert final == {row: sequential(STEPS - 1) for row in range(ROWS)}
-        assert recorded == len(ids)
-        print(f"sentinel run: {len(ids)} jobs, {resent} batch(es) sent again")
+        answered = await assert_series_applied(
+            primary, prefix, engine, rows=ROWS, steps=STEPS, logs=workers.tail()
+        )
+        print(f"sentinel run: {answered} jobs, {resent} batch(es) sent again")
         running = len(workers.alive())
         assert await workers.terminate() == [0] * running, workers.tail()
     finally:
