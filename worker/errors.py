@@ -17,6 +17,7 @@ from typing import ClassVar, TypeVar
 
 import redis.exceptions
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import exc as orm_exc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -191,6 +192,9 @@ def classify(error: BaseException) -> WorkerError:
         return error
     if isinstance(error, sa_exc.DBAPIError):
         return _classify_dbapi(error)
+    if isinstance(error, orm_exc.StaleDataError):
+        # A version counter (version_id_col) saw another writer change the row: load again.
+        return Unavailable(f"the row changed meanwhile: {_first_line(error)}", reason="stale_data")
     if isinstance(error, sa_exc.StatementError):
         # Raised before the driver saw the statement: a bind processor (a TypeDecorator,
         # a type's own conversion) refused a value.

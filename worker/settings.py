@@ -112,6 +112,10 @@ class Settings(BaseSettings):
         (), description="comma list of table.column keys that may be set"
     )
     models: str | None = Field(None, description="package.module:Base to use instead of reflection")
+    orm: Literal["auto", "always", "never"] = Field(
+        "auto", description="with WORKER_MODELS: jobs through the unit of work (auto: where the "
+        "model has validators, update events or a version counter)",
+    )  # fmt: skip
     max_rows_default: int | None = Field(
         None, ge=0, description="expect.max_rows of every job that sets no cap of its own"
     )

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
 )
 
-from worker.db import fencing, groups, ledger, oneshot
+from worker.db import fencing, groups, ledger, oneshot, orm
 from worker.db.attempts import Attempt, label
 from worker.db.engine import WRITES
 from worker.errors import (
@@ -220,6 +220,8 @@ class Executor:
     async def _run(
         self, session: AsyncSession, statement: Statement, *, label: str
     ) -> UpdateResult:
+        if statement.orm is not None:
+            return await orm.run(session, statement, max_returning=self.max_returning, label=label)
         result = cast(
             CursorResult[Any], await session.execute(statement.update, statement.params or None)
         )

@@ -7,6 +7,7 @@ identifier a job names is looked up here by exact membership; nothing else reach
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import Mapper
 
 from worker.db.fencing import PARTITIONS_TABLE
 from worker.db.ledger import LEDGER_TABLE
@@ -32,6 +34,8 @@ class TableRules:
     columns: Mapping[str, sa.Column[Any]]
     writable: frozenset[str]
     primary_key: tuple[str, ...]
+    #: The mapped class whose jobs run through the unit of work (WORKER_ORM), if any.
+    mapped: type | None = None
 
     def column(self, name: str) -> sa.Column[Any]:
         try:
@@ -79,6 +83,13 @@ def build_schema(
     return Schema({name: _rules(table, readonly, keys) for name, table in chosen.items()})
 
 
+def through_orm(schema: Schema, mapped: Mapping[str, type]) -> Schema:
+    """``schema`` with the jobs on ``mapped``'s tables (table -> class) routed through the
+    unit of work (worker/db/orm.py)."""
+    return Schema({name: dataclasses.replace(rules, mapped=mapped.get(name))
+                   for name, rules in schema.tables.items()})  # fmt: skip
+
+
 async def reflect_schema(engine: AsyncEngine, **narrowing: Sequence[str]) -> Schema:
     """Reflect the database's default schema (once, at start-up) and narrow it.
 
@@ -114,6 +125,20 @@ _UPDATABLE = sa.text(
 
 def load_models(spec: str) -> sa.MetaData:
     """``package.module:Base`` (a declarative base) or ``package.module:metadata``."""
+    found = _load(spec)
+    metadata = found if isinstance(found, sa.MetaData) else getattr(found, "metadata", None)
+    if not isinstance(metadata, sa.MetaData):
+        raise SettingsError(f"WORKER_MODELS: {spec!r} is neither a declarative base nor a MetaData")
+    return metadata
+
+
+def load_mappers(spec: str) -> list[Mapper[Any]]:
+    """The mapped classes of ``spec``'s declarative base (none for a plain MetaData)."""
+    registry = getattr(_load(spec), "registry", None)
+    return sorted(registry.mappers, key=lambda mapper: mapper.class_.__name__) if registry else []
+
+
+def _load(spec: str) -> Any:
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise SettingsError(f"WORKER_MODELS: expected package.module:Base, got {spec!r}")
@@ -123,10 +148,7 @@ def load_models(spec: str) -> sa.MetaData:
             found = getattr(found, part)
     except (ImportError, AttributeError) as error:
         raise SettingsError(f"WORKER_MODELS: cannot load {spec!r}: {error}") from None
-    metadata = found if isinstance(found, sa.MetaData) else getattr(found, "metadata", None)
-    if not isinstance(metadata, sa.MetaData):
-        raise SettingsError(f"WORKER_MODELS: {spec!r} is neither a declarative base nor a MetaData")
-    return metadata
+    return found
 
 
 def _rules(

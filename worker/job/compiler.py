@@ -18,7 +18,7 @@ from worker.errors import InvalidJob, MissingFilter, WorkerError
 from worker.job import shapes
 from worker.job.conditions import is_numeric, where_condition
 from worker.job.models import Expect, Job, UpdateSpec
-from worker.job.plans import DEFAULT_POLICY, Guards, Plan, Policy, Statement
+from worker.job.plans import DEFAULT_POLICY, Guards, OrmUpdate, Plan, Policy, Statement
 from worker.job.values import bind_type, coerce
 
 if TYPE_CHECKING:
@@ -41,7 +41,11 @@ def compile_job(job: Job, schema: Schema, policy: Policy = DEFAULT_POLICY) -> Pl
 
 def compile_update(spec: UpdateSpec, schema: Schema, policy: Policy = DEFAULT_POLICY) -> Statement:
     rules = schema.rules(spec.table)
-    if spec.key is not None and (known := shapes.known(spec, rules, policy)) is not None:
+    if (
+        spec.key is not None
+        and rules.mapped is None
+        and (known := shapes.known(spec, rules, policy)) is not None
+    ):
         return known
     if spec.all_rows and not policy.allow_all:
         raise MissingFilter(
@@ -62,6 +66,8 @@ def compile_update(spec: UpdateSpec, schema: Schema, policy: Policy = DEFAULT_PO
         rules.column(name)
 
     guards = _guards(spec, policy)
+    if rules.mapped is not None:
+        return _through_orm(spec, rules, guards, sets=sets, incs=incs, returning=returning)
     if spec.key is not None:
         key = _key_values(spec.key, rules)
         keys = rules.primary_key
@@ -87,15 +93,7 @@ def compile_update(spec: UpdateSpec, schema: Schema, policy: Policy = DEFAULT_PO
             shape=(rules.table, *shape),
         ))  # fmt: skip
 
-    if spec.where is not None:
-        condition: ColumnElement[bool] | None = where_condition(spec.where, rules)
-    elif spec.all_rows:
-        condition = None
-    else:
-        raise MissingFilter(
-            f"an update of `{spec.table}` needs `where` or `key`; "
-            'send "all": true to update every row on purpose'
-        )
+    condition = _condition(spec, rules)
     values: dict[sa.Column[Any], Any] = {
         (column := rules.column(name)): sa.bindparam(None, value, type_=bind_type(column))
         for name, value in sets.items()
@@ -109,6 +107,45 @@ def compile_update(spec: UpdateSpec, schema: Schema, policy: Policy = DEFAULT_PO
     if returning:
         update = update.returning(*(rules.column(name) for name in returning))
     return Statement(table=spec.table, update=update, returns_rows=bool(returning), guards=guards)
+
+
+def _through_orm(
+    spec: UpdateSpec,
+    rules: TableRules,
+    guards: Guards,
+    *,
+    sets: dict[str, Any],
+    incs: dict[str, Any],
+    returning: tuple[str, ...],
+) -> Statement:
+    """A statement for the unit-of-work path: the rows to load, and what to assign."""
+    assert rules.mapped is not None  # noqa: S101 - the caller checked
+    if spec.key is not None:
+        key = _key_values(spec.key, rules)
+        condition: ColumnElement[bool] | None = sa.and_(
+            *(rules.column(name) == sa.bindparam(None, value, type_=bind_type(rules.column(name)))
+              for name, value in key.items())
+        )  # fmt: skip
+        max_rows = min(guards.max_rows, 1) if guards.max_rows is not None else 1
+        guards = Guards(guards.rows, guards.min_rows, max_rows,
+                        max_rows_by_policy=guards.max_rows_by_policy and max_rows == 0)  # fmt: skip
+    else:
+        condition = _condition(spec, rules)
+    work = OrmUpdate(cls=rules.mapped, condition=condition, sets=sets, incs=incs,
+                     returning=returning)  # fmt: skip
+    return Statement(table=spec.table, update=sa.update(rules.table), returns_rows=bool(returning),
+                     guards=guards, orm=work)  # fmt: skip
+
+
+def _condition(spec: UpdateSpec, rules: TableRules) -> ColumnElement[bool] | None:
+    if spec.where is not None:
+        return where_condition(spec.where, rules)
+    if spec.all_rows:
+        return None
+    raise MissingFilter(
+        f"an update of `{spec.table}` needs `where` or `key`; "
+        'send "all": true to update every row on purpose'
+    )
 
 
 @functools.lru_cache(maxsize=4096)

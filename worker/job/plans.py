@@ -45,6 +45,19 @@ class Guards:
 
 
 @dataclass(frozen=True, slots=True)
+class OrmUpdate:
+    """An update for the unit-of-work path (worker/db/orm.py): what to load and assign."""
+
+    cls: type
+    #: Which rows: the key, the ``where`` filter, or None for ``all``.
+    condition: Any
+    #: Column name -> value (coerced) and column name -> amount.
+    sets: Mapping[str, Any]
+    incs: Mapping[str, Any]
+    returning: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Statement:
     table: str
     update: sa.Update
@@ -59,6 +72,9 @@ class Statement:
     #: For a one-row-by-key statement: ``(table, sets, incs, keys, returning)`` column names,
     #: so that jobs of one shape can also run as one UPDATE ... FROM (VALUES ...).
     shape: tuple[Any, ...] | None = None
+    #: Set when the table's mapped class runs through the unit of work (WORKER_ORM): then
+    #: ``update`` is not run, and nothing groups or folds the statement.
+    orm: OrmUpdate | None = None
 
     def outcome(
         self,

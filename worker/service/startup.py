@@ -14,11 +14,18 @@ from collections.abc import AsyncIterator
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from worker.db import fencing, ledger
+from worker.db import fencing, ledger, orm
 from worker.db.engine import WRITES, Timeouts, create_engine
 from worker.db.executor import Executor
 from worker.db.ledger import ensure_ledger
-from worker.db.schema import Schema, build_schema, load_models, reflect_schema
+from worker.db.schema import (
+    Schema,
+    build_schema,
+    load_mappers,
+    load_models,
+    reflect_schema,
+    through_orm,
+)
 from worker.errors import SettingsError, classify
 from worker.ops import admin
 from worker.ops.metrics import Metrics, Probes, serve_http
@@ -78,6 +85,7 @@ async def open_worker(settings: Settings) -> AsyncIterator[Worker]:
         }
         if settings.models:
             schema = build_schema(load_models(settings.models), **narrowing)
+            schema = through_orm(schema, orm.routed(load_mappers(settings.models), settings.orm))
         else:
             schema = await reflect_schema(engine, **narrowing)
         await _record_partitions(transport, settings.partitions)

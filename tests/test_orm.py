@@ -1,0 +1,165 @@
+"""The unit-of-work path (WORKER_ORM, issue 14): with the application's models, a job honours
+their validators, update events and version counter, on both backends; WORKER_ORM=never is the
+Core path, which bypasses them, and says so."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tests.conftest import WorkerFactory
+from tests.model_app import FIXED_NOW
+from tests.model_rules import TOUCHED_BY, Base, Member, Plain, audit
+from worker.client import UpdateClient
+from worker.db import orm
+from worker.job.replies import Reply
+
+MODELS = "tests.model_rules:Base"
+members_table: sa.Table = Member.__table__  # type: ignore[assignment]
+plains_table: sa.Table = Plain.__table__  # type: ignore[assignment]
+
+
+@pytest.fixture
+async def members(engine: AsyncEngine) -> AsyncEngine:
+    async with engine.begin() as connection:
+        await connection.run_sync(Base.metadata.create_all)
+        await connection.execute(members_table.insert(), [
+            {"id": n, "name": f"m{n}", "age": 20 + n, "version": 1} for n in (1, 2, 3)
+        ])  # fmt: skip
+        await connection.execute(plains_table.insert(), [{"id": 1, "n": 0}])
+    return engine
+
+
+@pytest.fixture
+async def client(
+    members: AsyncEngine, start_worker: WorkerFactory, prefix: str, redis_url: str,
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[UpdateClient]:  # fmt: skip
+    del members
+    mode = getattr(request, "param", "auto")
+    await start_worker(models=MODELS, orm=mode)
+    async with UpdateClient(redis_url, prefix=prefix) as made:
+        yield made
+
+
+async def row(engine: AsyncEngine, member: int) -> Any:
+    async with engine.connect() as connection:
+        query = sa.select(members_table).where(members_table.c.id == member)
+        return (await connection.execute(query)).one()
+
+
+async def audited(engine: AsyncEngine) -> list[tuple[int, int]]:
+    async with engine.connect() as connection:
+        query = sa.select(audit.c.member_id, audit.c.version).order_by(audit.c.id)
+        return [tuple(found) for found in (await connection.execute(query)).all()]
+
+
+def test_auto_routes_only_the_classes_with_rules() -> None:
+    mappers = [Member.__mapper__, Plain.__mapper__]
+    assert orm.routed(mappers, "auto") == {"members": Member}
+    assert orm.routed(mappers, "always") == {"members": Member, "plains": Plain}
+    assert orm.routed(mappers, "never") == {}
+
+
+async def test_a_key_job_runs_the_validator_the_events_and_the_version_counter(
+    client: UpdateClient, engine: AsyncEngine
+) -> None:
+    reply = await client.update("members", key={"id": 1}, set={"name": "John Doe", "age": 30,
+                                "tags": ["B", "a"]}, returning=["version", "touched_by"])  # fmt: skip
+    assert (reply.status, reply.rowcount) == ("ok", 1), reply.error
+    assert reply.returning == [{"version": 2, "touched_by": TOUCHED_BY}]
+    again = await client.update("members", key={"id": 1}, inc={"age": 1})
+    assert again.status == "ok", again.error
+    found = await row(engine, 1)
+    assert (found.name, found.age, found.version, found.touched_by) == ("John Doe", 31, 3,
+                                                                        TOUCHED_BY)  # fmt: skip
+    assert found.tags == ["a", "b"]  # the TypeDecorator: sorted, lower-cased
+    assert str(found.updated_at).startswith(str(FIXED_NOW))  # the onupdate= default
+    assert await audited(engine) == [(1, 2), (1, 3)]  # after_update, once per applied job
+
+
+async def test_a_refused_value_is_a_recorded_data_error_and_the_row_stays(
+    client: UpdateClient, engine: AsyncEngine
+) -> None:
+    refused = await client.update("members", key={"id": 2}, set={"age": -5, "name": "x"},
+                                  id="negative")  # fmt: skip
+    assert refused.error is not None
+    assert refused.error.code == "data_error"
+    assert "age must not be negative" in refused.error.message
+    found = await row(engine, 2)
+    assert (found.age, found.name, found.version, found.touched_by) == (22, "m2", 1, None)
+    replayed = await client.update("members", key={"id": 2}, set={"age": -5, "name": "x"},
+                                   id="negative")  # fmt: skip
+    assert replayed.replayed
+    assert replayed.error is not None
+    assert replayed.error.code == "data_error"
+    assert await audited(engine) == []
+
+
+async def test_where_jobs_batches_and_caps_go_through_the_unit_of_work(
+    client: UpdateClient, engine: AsyncEngine
+) -> None:
+    adults = await client.update("members", where={"age": {"gte": 22}}, set={"name": "grown"},
+                                 returning=["id"])  # fmt: skip
+    assert (adults.status, adults.rowcount) == ("ok", 2), adults.error
+    assert sorted(found["id"] for found in adults.returning or []) == [2, 3]
+    capped = await client.update("members", all=True, set={"name": "all"}, expect={"max_rows": 2})
+    assert capped.error is not None
+    assert capped.error.code == "expectation_failed"
+    job_id = await client.submit({"updates": [
+        {"table": "members", "key": {"id": 1}, "set": {"name": "first"}},
+        {"table": "members", "key": {"id": 2}, "set": {"age": -1}},
+    ]})  # fmt: skip
+    batch: Reply = await client.result(job_id, timeout=20)
+    assert batch.error is not None
+    assert batch.error.code == "data_error"
+    dry = await client.update("members", key={"id": 1}, set={"name": "dry"}, dry_run=True)
+    assert (dry.status, dry.rowcount, dry.dry_run) == ("ok", 1, True)
+    assert [(await row(engine, n)).name for n in (1, 2, 3)] == ["m1", "grown", "grown"]
+    assert [(await row(engine, n)).version for n in (1, 2, 3)] == [1, 2, 2]
+
+
+@pytest.fixture
+def stale_once() -> Iterator[list[int]]:
+    """Another writer bumps a member's version between the job's load and its flush, once."""
+    bumped: list[int] = []
+
+    def bump(_mapper: Any, connection: sa.Connection, target: Member) -> None:
+        if not bumped:
+            bumped.append(target.id)
+            table = members_table
+            connection.execute(
+                sa.update(table).where(table.c.id == target.id).values(version=table.c.version + 1)
+            )
+
+    event.listen(Member, "before_update", bump)
+    yield bumped
+    event.remove(Member, "before_update", bump)
+
+
+async def test_a_concurrent_version_bump_makes_the_job_run_again_and_succeed(
+    client: UpdateClient, engine: AsyncEngine, stale_once: list[int]
+) -> None:
+    reply = await client.update("members", key={"id": 3}, set={"name": "retried"})
+    assert reply.status == "ok", reply.error
+    assert reply.attempts == 2
+    assert stale_once == [3]
+    found = await row(engine, 3)
+    assert (found.name, found.version) == ("retried", 2)  # the stale try rolled back
+
+
+@pytest.mark.parametrize("client", ["never"], indirect=True)
+async def test_never_is_the_core_path_which_bypasses_the_models_rules(
+    client: UpdateClient, engine: AsyncEngine
+) -> None:
+    reply = await client.update("members", key={"id": 1}, set={"age": -5})
+    assert reply.status == "ok"  # the validator never ran
+    found = await row(engine, 1)
+    assert (found.age, found.touched_by, found.version) == (-5, None, 1)  # nor events, counter
+    assert str(found.updated_at).startswith(str(FIXED_NOW))  # onupdate= is Core's: it applies
+    assert await audited(engine) == []

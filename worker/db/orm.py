@@ -1,0 +1,108 @@
+"""The unit-of-work path (``WORKER_ORM``): jobs on tables whose mapped classes carry ORM rules
+run through the Session, so the rules hold for every write the worker makes.
+
+Core ``UPDATE`` statements bypass what only the unit of work runs: ``@validates`` validators,
+``before_update`` / ``after_update`` mapper events, attribute ``set`` events and the
+``version_id_col`` counter. On this path a job loads the objects it matches (locked), assigns
+the attributes (validators and attribute events run), and flushes (mapper events run, the
+version counter is checked and raised), in the same transaction as its ledger row.
+
+- ``inc`` assigns a SQL expression (``Model.col + n``): the addition happens in the database,
+  so it stays atomic; a validator of that column sees the expression, not a number.
+- A validator's exception is a ``data_error`` with its message: permanent, recorded, and the
+  transaction (the row) rolled back.
+- ``StaleDataError`` (another writer changed a versioned row in between) is transient: the job
+  runs again on a fresh load (errors.classify).
+- ``expect.max_rows`` (and ``WORKER_MAX_ROWS_DEFAULT``) bound the load itself: at most one
+  object past the cap is loaded, to know that the cap was passed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Mapper
+
+from worker.errors import InvalidValue
+from worker.job.plans import OrmUpdate, Statement
+from worker.job.replies import UpdateResult
+
+#: ``WORKER_ORM``.
+OrmMode = Literal["auto", "always", "never"]
+
+
+def has_rules(mapper: Mapper[Any]) -> bool:
+    """Whether the unit of work does something for this class that a Core UPDATE would not."""
+    if mapper.validators or mapper.version_id_col is not None:
+        return True
+    if mapper.dispatch.before_update or mapper.dispatch.after_update:
+        return True
+    return any(attribute.dispatch.set for attribute in mapper.class_manager.values())
+
+
+def routed(mappers: Sequence[Mapper[Any]], mode: OrmMode) -> dict[str, type]:
+    """Table (full name) -> the mapped class whose jobs take this path, under ``mode``."""
+    if mode == "never":
+        return {}
+    chosen: dict[str, type] = {}
+    for mapper in mappers:
+        table = mapper.local_table
+        if isinstance(table, sa.Table) and (mode == "always" or has_rules(mapper)):
+            chosen[table.fullname] = mapper.class_
+    return chosen
+
+
+async def run(
+    session: AsyncSession, statement: Statement, *, max_returning: int, label: str
+) -> UpdateResult:
+    """Apply one update through the unit of work; its result as the Core path would give it."""
+    work = statement.orm
+    assert work is not None  # noqa: S101 - the caller routes only such statements here
+    mapper: Mapper[Any] = sa.inspect(work.cls)
+    names = _attributes(mapper, work)
+    query: sa.Select[Any] = sa.select(work.cls).with_for_update()
+    if work.condition is not None:
+        query = query.where(work.condition)
+    cap = statement.guards.max_rows
+    if cap is not None:
+        query = query.limit(cap + 1)  # enough to know the cap was passed
+    objects = list((await session.scalars(query)).all())
+    if refusal := statement.guards.refusal(len(objects), label=label):
+        raise refusal
+    for target in objects:
+        _assign(target, work, names, label=label)
+    await session.flush()
+    rows = None
+    if work.returning:
+        shown = objects[:max_returning]
+        for target in shown:  # expired by the flush where a SQL expression was assigned
+            await session.refresh(target, [names[name] for name in work.returning])
+        rows = [{name: getattr(target, names[name]) for name in work.returning}
+                for target in shown]  # fmt: skip
+    return statement.outcome(len(objects), rows, max_returning=max_returning, label=label)
+
+
+def _assign(target: Any, work: OrmUpdate, names: Mapping[str, str], *, label: str) -> None:
+    for column, value in work.sets.items():
+        _set(target, names[column], value, label=label)
+    for column, amount in work.incs.items():
+        _set(target, names[column], getattr(work.cls, names[column]) + amount, label=label)
+
+
+def _set(target: Any, attribute: str, value: Any, *, label: str) -> None:
+    try:
+        setattr(target, attribute, value)
+    except Exception as error:  # a validator or a set event refused it: the model's rule
+        message = str(error).strip() or type(error).__name__
+        raise InvalidValue(f"{label}: {attribute}: {message}") from error
+
+
+def _attributes(mapper: Mapper[Any], work: OrmUpdate) -> dict[str, str]:
+    """Column name -> the mapped attribute that holds it."""
+    table = mapper.local_table
+    assert isinstance(table, sa.Table)  # noqa: S101 - routed() chose only tables
+    wanted = {*work.sets, *work.incs, *work.returning}
+    return {name: mapper.get_property_by_column(table.c[name]).key for name in wanted}
