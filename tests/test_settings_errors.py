@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import redis.exceptions
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import exc as orm_exc
 
 from worker import errors
 from worker.errors import SettingsError, classify
@@ -133,6 +134,14 @@ def _dbapi(
             False,
         ),
         (ConnectionRefusedError(111, "refused"), "unavailable", True),
+        # A version counter saw another writer: load again (the unit-of-work path).
+        (
+            orm_exc.StaleDataError(
+                "UPDATE statement on table 'members' expected to update 1 row(s)"
+            ),
+            "unavailable",
+            True,
+        ),
         (TimeoutError(), "timeout", False),
         (KeyError("bug"), "internal", False),
     ],
