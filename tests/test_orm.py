@@ -4,6 +4,7 @@ Core path, which bypasses them, and says so."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -17,6 +18,13 @@ from tests.model_app import FIXED_NOW
 from tests.model_rules import TOUCHED_BY, Base, Member, Plain, audit
 from worker.client import UpdateClient
 from worker.db import orm
+from worker.db.executor import Executor
+from worker.db.groups import groupable
+from worker.db.ledger import ensure_ledger
+from worker.db.schema import Schema, build_schema, through_orm
+from worker.job.compiler import compile_job
+from worker.job.models import Job, parse_entry
+from worker.job.plans import Plan
 from worker.job.replies import Reply
 
 MODELS = "tests.model_rules:Base"
@@ -163,3 +171,57 @@ async def test_never_is_the_core_path_which_bypasses_the_models_rules(
     assert (found.age, found.touched_by, found.version) == (-5, None, 1)  # nor events, counter
     assert str(found.updated_at).startswith(str(FIXED_NOW))  # onupdate= is Core's: it applies
     assert await audited(engine) == []
+
+
+async def test_a_group_loads_its_rows_in_one_select_and_counts_every_job(
+    members: AsyncEngine,
+) -> None:
+    """Group commits on this path: one SELECT ... IN for the group's rows; two jobs on one
+    row (different producer-given order keys) are flushed apart, so the version counter and
+    the after_update event count both."""
+    engine = members
+    async with engine.begin() as connection:
+        await ensure_ledger(connection)
+    schema = through_orm(build_schema(Base.metadata),
+                         orm.routed([Member.__mapper__, Plain.__mapper__], "auto"))  # fmt: skip
+    documents = [
+        {"id": "g1", "table": "members", "key": {"id": 1}, "set": {"name": "one"}},
+        {"id": "g2", "table": "members", "key": {"id": 2}, "inc": {"age": 1},
+         "returning": ["age"]},
+        {"id": "g3", "table": "members", "key": {"id": 3}, "set": {"name": "three"},
+         "order_key": "a"},
+        {"id": "g4", "table": "members", "key": {"id": 3}, "set": {"name": "three again"},
+         "order_key": "b"},
+        {"id": "g5", "table": "members", "key": {"id": 99}, "set": {"name": "nobody"}},
+    ]  # fmt: skip
+    jobs = [_compiled(schema, document) for document in documents]
+    assert all(groupable(*job) for job in jobs)
+    selects: list[str] = []
+
+    def seen(*args: Any) -> None:
+        statement = str(args[2])
+        if statement.lstrip().upper().startswith("SELECT") and "FROM members" in statement:
+            selects.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", seen)
+    try:
+        replies = await Executor(engine, worker="w").execute_group(jobs)
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", seen)
+    assert [(reply.status, reply.rowcount) for reply in replies if reply] == [
+        ("ok", 1), ("ok", 1), ("ok", 1), ("ok", 1), ("ok", 0)]  # fmt: skip
+    assert replies[1] is not None
+    assert replies[1].returning == [{"age": 23}]
+    loads = [statement for statement in selects if "members.version" in statement]
+    assert len(loads) == 1, selects  # the group's rows, in one load (a refresh reads `age`)
+    assert " IN (" in loads[0]
+    assert [(await row(engine, n)).version for n in (1, 2, 3)] == [2, 2, 3]
+    assert (await row(engine, 3)).name == "three again"
+    assert sorted(await audited(engine)) == [(1, 2), (2, 2), (3, 2), (3, 3)]
+
+
+def _compiled(schema: Schema, document: dict[str, Any]) -> tuple[Job, Plan]:
+    parsed = parse_entry({b"job": json.dumps(document).encode()}, entry_id="1-0",
+                         max_job_bytes=65536)  # fmt: skip
+    assert isinstance(parsed, Job), parsed
+    return parsed, compile_job(parsed, schema)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from worker.db import bulk, fencing, ledger
+from worker.db import bulk, fencing, ledger, orm
 from worker.db.attempts import Attempt
 from worker.errors import Fenced, Unavailable, WorkerError
 from worker.job.models import Job
@@ -76,12 +76,18 @@ async def _commit(
         finished = await fencing.check_and_look_up(session, fences, list(first))
         todo = [index for index in sorted(first.values(), key=lambda index: _row(items[index][1]))
                 if items[index][0].id not in finished]  # fmt: skip
-        results = await bulk.run_rows(
-            session,
-            [items[index][1].statements[0] for index in todo],
+        statements = {index: items[index][1].statements[0] for index in todo}
+        core = [index for index in todo if statements[index].orm is None]
+        through_orm = [index for index in todo if statements[index].orm is not None]
+        results = dict(zip(core, await bulk.run_rows(
+            session, [statements[index] for index in core], max_returning=executor.max_returning,
+        ), strict=True))  # fmt: skip
+        results |= dict(zip(through_orm, await orm.run_rows(
+            session, [statements[index] for index in through_orm],
             max_returning=executor.max_returning,
-        )
-        for index, result in zip(todo, results, strict=True):
+        ), strict=True))  # fmt: skip
+        for index in todo:
+            result = results[index]
             job = items[index][0]
             made[job.id] = attempts[index].succeeded([result])
             stored = made[job.id].rendered

@@ -44,6 +44,7 @@ def eligible(plan: Plan) -> bool:
     statement = plan.statements[0]
     return (
         statement.row is not None
+        and statement.orm is None  # the unit of work's rules need the unit of work
         and not statement.returns_rows
         and statement.guards.violation(1) is None
     )

@@ -85,6 +85,77 @@ async def run(
     return statement.outcome(len(objects), rows, max_returning=max_returning, label=label)
 
 
+async def run_rows(
+    session: AsyncSession, statements: Sequence[Statement], *, max_returning: int
+) -> list[UpdateResult]:
+    """A group's one-row-by-key updates (in the given order): each class's rows loaded in one
+    ``SELECT ... WHERE key IN (...) FOR UPDATE``, assigned in order, flushed together. A row a
+    later job of the group changes again is flushed first, so that the events and the version
+    counter count each job."""
+    loaded = await _load_rows(session, statements)
+    changed: set[tuple[Any, ...]] = set()
+    targets: list[Any] = []
+    for statement in statements:
+        work, row = _grouped(statement)
+        target = loaded.get(row)
+        if refusal := statement.guards.refusal(int(target is not None), label=statement.table):
+            raise refusal
+        if target is not None:
+            if row in changed:
+                await session.flush()
+                changed.clear()
+            _assign(target, work, _attributes(sa.inspect(work.cls), work), label=statement.table)
+            changed.add(row)
+        targets.append(target)
+    await session.flush()
+    return [await _result(session, statement, target, max_returning=max_returning)
+            for statement, target in zip(statements, targets, strict=True)]  # fmt: skip
+
+
+async def _load_rows(
+    session: AsyncSession, statements: Sequence[Statement]
+) -> dict[tuple[Any, ...], Any]:
+    """Row (table, *key) -> its loaded object, one SELECT per class; missing rows absent."""
+    by_class: dict[type, list[tuple[Any, ...]]] = {}
+    for statement in statements:
+        work, row = _grouped(statement)
+        by_class.setdefault(work.cls, []).append(row)
+    loaded: dict[tuple[Any, ...], Any] = {}
+    for cls, rows in by_class.items():
+        mapper: Mapper[Any] = sa.inspect(cls)
+        table = rows[0][0]
+        if len(mapper.primary_key) == 1:
+            where = mapper.primary_key[0].in_([row[1] for row in rows])
+        else:
+            where = sa.tuple_(*mapper.primary_key).in_([row[1:] for row in rows])
+        query: sa.Select[Any] = sa.select(cls).where(where).with_for_update()
+        for target in (await session.scalars(query)).all():
+            loaded[(table, *mapper.primary_key_from_instance(target))] = target
+    return loaded
+
+
+def _grouped(statement: Statement) -> tuple[OrmUpdate, tuple[Any, ...]]:
+    work, row = statement.orm, statement.row
+    if work is None or row is None:
+        raise TypeError("only one-row-by-key statements of the unit-of-work path are grouped")
+    return work, row
+
+
+async def _result(
+    session: AsyncSession, statement: Statement, target: Any, *, max_returning: int
+) -> UpdateResult:
+    work, _ = _grouped(statement)
+    label = statement.table
+    if target is None or not work.returning:
+        rows: list[dict[str, Any]] | None = [] if work.returning else None
+        return statement.outcome(int(target is not None), rows, max_returning=max_returning,
+                                 label=label)  # fmt: skip
+    names = _attributes(sa.inspect(work.cls), work)
+    await session.refresh(target, [names[name] for name in work.returning])
+    row = {name: getattr(target, names[name]) for name in work.returning}
+    return statement.outcome(1, [row], max_returning=max_returning, label=label)
+
+
 def _assign(target: Any, work: OrmUpdate, names: Mapping[str, str], *, label: str) -> None:
     for column, value in work.sets.items():
         _set(target, names[column], value, label=label)

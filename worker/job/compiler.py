@@ -133,8 +133,9 @@ def _through_orm(
         condition = _condition(spec, rules)
     work = OrmUpdate(cls=rules.mapped, condition=condition, sets=sets, incs=incs,
                      returning=returning)  # fmt: skip
+    row = None if spec.key is None else (spec.table, *(key[name] for name in rules.primary_key))
     return Statement(table=spec.table, update=sa.update(rules.table), returns_rows=bool(returning),
-                     guards=guards, orm=work)  # fmt: skip
+                     guards=guards, row=row, orm=work)  # fmt: skip
 
 
 def _condition(spec: UpdateSpec, rules: TableRules) -> ColumnElement[bool] | None:
