@@ -27,6 +27,8 @@ from bench.drain import drain_limit, drain_ours
 from bench.ours import REDIS_URL, ROOT, ROWS, Ours, database, prepare, run_memory, run_ours
 
 ANCHORS = ("arq", "saq", "taskiq")
+#: The unit-of-work path on the same table, mapped with a validator (bench/models.py).
+ORM_SETTINGS = {"WORKER_MODELS": "bench.models:Base", "WORKER_ORM": "always"}
 
 
 def run_anchor(
@@ -55,7 +57,7 @@ async def main() -> None:
         "--skip",
         nargs="*",
         default=[],
-        help="parts to skip: drain anchors sqlite scaling cluster memory",
+        help="parts to skip: drain anchors orm sqlite scaling cluster memory",
     )
     parser.add_argument("--drain-jobs", type=int, default=60_000)
     args = parser.parse_args()
@@ -137,6 +139,11 @@ async def run_drains(args: argparse.Namespace) -> None:
             async with Ours(url) as ours:
                 found.append({"system": f"update-worker, {how}",
                               **await drain_ours(ours, jobs, direct=direct)})  # fmt: skip
+        if "orm" not in args.skip:  # the unit-of-work path (WORKER_ORM), same job
+            await prepare(url)
+            async with Ours(url, settings=ORM_SETTINGS) as ours:
+                found.append({"system": "update-worker, ORM path",
+                              **await drain_ours(ours, jobs // 4, direct=True)})  # fmt: skip
         for name in () if "anchors" in args.skip else ANCHORS:
             await prepare(url)
             found.append(await asyncio.to_thread(run_anchor, name, url, jobs=0, sequential=0,

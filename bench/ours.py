@@ -51,11 +51,13 @@ async def prepare(database_url: str) -> None:
 class Ours:
     """update-worker processes on one stream, and a producer listening on the reply channel."""
 
-    def __init__(self, database_url: str, *, processes: int = 1) -> None:
+    def __init__(
+        self, database_url: str, *, processes: int = 1, settings: dict[str, str] | None = None
+    ) -> None:
         self.prefix = f"bench-{uuid.uuid4().hex[:8]}"
         self.channel = f"{self.prefix}:replies"
         env = {**os.environ, "WORKER_DATABASE_URL": database_url, "WORKER_REDIS_URL": REDIS_URL,
-               "WORKER_PREFIX": self.prefix, "WORKER_LOG_LEVEL": "WARNING"}  # fmt: skip
+               "WORKER_PREFIX": self.prefix, "WORKER_LOG_LEVEL": "WARNING", **(settings or {})}  # fmt: skip
         self.workers = [
             subprocess.Popen([sys.executable, "-m", "worker", "run"], env=env, cwd=ROOT)
             for _ in range(processes)

@@ -164,12 +164,13 @@ def test_check_names_each_service_that_is_down() -> None:
     assert "hunter2" not in dead.stderr + dead.stdout
 
 
-def test_demo_prints_both_seed_replies() -> None:
+def test_demo_prints_the_seed_replies_and_the_refusal() -> None:
     result = run_cli("demo", WORKER_REDIS_URL=REDIS_URL)
     assert result.returncode == 0, result.stderr
     assert '"rowcount":1' in result.stdout
     assert '"rowcount":3' in result.stdout
-    assert '"name": "John Doe", "age": 30' in result.stdout
+    assert '"name": "John Doe", "age": 30' in result.stdout  # the refused age=-1 left it
+    assert '"code":"data_error","message":"users: age: age must not be negative"' in result.stdout
 
 
 @pytest.mark.slow
@@ -178,7 +179,7 @@ def test_demo_starts_its_own_redis_when_none_answers() -> None:
     result = run_cli("demo", WORKER_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
     assert result.returncode == 0, result.stderr
     assert "started redis-server on port" in result.stdout
-    assert result.stdout.count("(expected") == 2
+    assert result.stdout.count("(expected") == 3  # the three demo jobs
 
 
 async def test_a_worker_stopped_by_sigterm_leaves_the_group_and_the_record(

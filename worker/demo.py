@@ -1,8 +1,9 @@
 """``update-worker demo``: the two seed tutorials end to end (DESIGN.md §8).
 
 A fresh SQLite file with the seed ``users`` and ``books`` tables, the two UPDATE styles sent as
-jobs through Redis, a worker in burst mode, and the replies printed. The seed tables and rows
-here are also what the tests use.
+jobs through Redis, a worker in burst mode, and the replies printed. The worker uses the
+tutorials' models (worker/demo_models.py): the ORM-style job runs through the unit of work,
+the Core-style one as an UPDATE. The seed tables and rows here are also what the tests use.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ books = sa.Table(
     sa.Column("genre", sa.String(50)),
     sa.Column("book_name", sa.String(100)),
 )
+#: The tutorials' models: users through the unit of work (a validator), books through Core.
+DEMO_MODELS: Final = "worker.demo_models:Base"
 SEED_USERS: Final = [{"id": 1, "name": "Jane Roe", "age": 25}]
 SEED_BOOKS: Final = [
     {"book_id": 1, "book_price": Decimal("12.2"), "genre": "fiction", "book_name": "Old age"},
@@ -65,7 +68,8 @@ SEED_BOOKS: Final = [
 ]
 DEMO_JOBS: Final = [
     (
-        "ORM style: load user 1, set name='John Doe' and age=30, commit",
+        "ORM style: load user 1, set name='John Doe' and age=30, commit "
+        "(through the unit of work: the User model's validator applies)",
         {
             "id": "demo-user-1",
             "table": "users",
@@ -85,7 +89,14 @@ DEMO_JOBS: Final = [
         },
         3,
     ),
+    (
+        "The model's rule holds: age=-1 is refused by User's validator, and the row stays",
+        {"id": "demo-user-negative", "table": "users", "key": {"id": 1}, "set": {"age": -1}},
+        0,
+    ),
 ]
+#: What each demo job must answer: its status, or its error code.
+DEMO_ANSWERS: Final = ("ok", "ok", "data_error")
 
 
 async def seed(connection: AsyncConnection) -> None:
@@ -105,10 +116,12 @@ async def run_demo(settings: Settings) -> int:
         async with _redis_for_demo(settings.redis_url) as redis_url:
             prefix = f"updates-demo-{uuid.uuid4().hex[:8]}"
             print(f"database: SQLite at {directory}/demo.db (users: 1 row, books: 5 rows)")
-            print(f"redis:    {mask_url(redis_url)}, names under {prefix}:*\n")
+            print(f"redis:    {mask_url(redis_url)}, names under {prefix}:*")
+            print(f"models:   {DEMO_MODELS} (WORKER_ORM=auto)\n")
             demo = settings.model_copy(
-                update={"database_url": database_url, "redis_url": redis_url, "prefix": prefix}
-            )
+                update={"database_url": database_url, "redis_url": redis_url, "prefix": prefix,
+                        "models": DEMO_MODELS, "orm": "auto"}
+            )  # fmt: skip
             ok = await _send_and_serve(demo)
             async with engine.connect() as connection:
                 print("after:")
@@ -127,13 +140,15 @@ async def _send_and_serve(settings: Settings) -> bool:
         ids = [await client.submit(job) for _, job, _ in DEMO_JOBS]
         async with open_worker(settings) as worker:
             await worker.run(burst=True)
-        for (title, job, expected_rows), job_id in zip(DEMO_JOBS, ids, strict=True):
+        for (title, job, expected_rows), answer, job_id in zip(DEMO_JOBS, DEMO_ANSWERS, ids,
+                                                                strict=True):  # fmt: skip
             reply = await client.result(job_id, timeout=10)
             print(title)
             print(f"  job:   {json.dumps(job)}")
             print(f"  reply: {reply.model_dump_json(exclude_none=True)}")
             print(f"  rowcount {reply.rowcount} (expected {expected_rows})\n")
-            ok = ok and reply.status == "ok" and reply.rowcount == expected_rows
+            got = reply.status if reply.error is None else reply.error.code
+            ok = ok and got == answer and reply.rowcount == expected_rows
     # The demo's Redis names are its own: leave nothing behind.
     names = [
         client.names.stream,
