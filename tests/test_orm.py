@@ -107,6 +107,10 @@ async def test_a_refused_value_is_a_recorded_data_error_and_the_row_stays(
     assert replayed.error is not None
     assert replayed.error.code == "data_error"
     assert await audited(engine) == []
+    below = await client.update("members", key={"id": 2}, inc={"age": -100})
+    assert below.error is not None  # `inc` adds to the locked row's value: the validator sees it
+    assert below.error.code == "data_error"
+    assert (await row(engine, 2)).age == 22
 
 
 async def test_where_jobs_batches_and_caps_go_through_the_unit_of_work(

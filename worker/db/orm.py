@@ -7,8 +7,11 @@ Core ``UPDATE`` statements bypass what only the unit of work runs: ``@validates`
 the attributes (validators and attribute events run), and flushes (mapper events run, the
 version counter is checked and raised), in the same transaction as its ledger row.
 
-- ``inc`` assigns a SQL expression (``Model.col + n``): the addition happens in the database,
-  so it stays atomic; a validator of that column sees the expression, not a number.
+- ``inc`` adds to the loaded value: the row is locked from its load to the commit (``SELECT
+  ... FOR UPDATE``; SQLite has one writer), so no other writer can change it in between and the
+  addition is as atomic as the Core path's ``col = col + n``; a validator sees the new number
+  (NULL stays NULL, as in SQL). Assigning the SQL expression ``Model.col + n`` instead would
+  show validators an expression and cost one UPDATE statement per row at the flush.
 - A validator's exception is a ``data_error`` with its message: permanent, recorded, and the
   transaction (the row) rolled back.
 - ``StaleDataError`` (another writer changed a versioned row in between) is transient: the job
@@ -64,7 +67,10 @@ async def run(
     mapper: Mapper[Any] = sa.inspect(work.cls)
     names = _attributes(mapper, work)
     query: sa.Select[Any] = sa.select(work.cls).with_for_update()
-    if work.condition is not None:
+    if statement.row is not None:  # a key job: its one row
+        pairs = zip(mapper.primary_key, statement.row[1:], strict=True)
+        query = query.where(*(column == value for column, value in pairs))
+    elif work.condition is not None:
         query = query.where(work.condition)
     cap = statement.guards.max_rows
     if cap is not None:
@@ -160,7 +166,8 @@ def _assign(target: Any, work: OrmUpdate, names: Mapping[str, str], *, label: st
     for column, value in work.sets.items():
         _set(target, names[column], value, label=label)
     for column, amount in work.incs.items():
-        _set(target, names[column], getattr(work.cls, names[column]) + amount, label=label)
+        current = getattr(target, names[column])  # locked since its load: see the module
+        _set(target, names[column], None if current is None else current + amount, label=label)
 
 
 def _set(target: Any, attribute: str, value: Any, *, label: str) -> None:

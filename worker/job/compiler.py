@@ -120,12 +120,10 @@ def _through_orm(
 ) -> Statement:
     """A statement for the unit-of-work path: the rows to load, and what to assign."""
     assert rules.mapped is not None  # noqa: S101 - the caller checked
+    row = condition = None  # a key job is found by its row: (table, *key values)
     if spec.key is not None:
         key = _key_values(spec.key, rules)
-        condition: ColumnElement[bool] | None = sa.and_(
-            *(rules.column(name) == sa.bindparam(None, value, type_=bind_type(rules.column(name)))
-              for name, value in key.items())
-        )  # fmt: skip
+        row = (spec.table, *(key[name] for name in rules.primary_key))
         max_rows = min(guards.max_rows, 1) if guards.max_rows is not None else 1
         guards = Guards(guards.rows, guards.min_rows, max_rows,
                         max_rows_by_policy=guards.max_rows_by_policy and max_rows == 0)  # fmt: skip
@@ -133,9 +131,14 @@ def _through_orm(
         condition = _condition(spec, rules)
     work = OrmUpdate(cls=rules.mapped, condition=condition, sets=sets, incs=incs,
                      returning=returning)  # fmt: skip
-    row = None if spec.key is None else (spec.table, *(key[name] for name in rules.primary_key))
-    return Statement(table=spec.table, update=sa.update(rules.table), returns_rows=bool(returning),
-                     guards=guards, row=row, orm=work)  # fmt: skip
+    return Statement(table=spec.table, update=_no_update(rules.table),
+                     returns_rows=bool(returning), guards=guards, row=row, orm=work)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1024)
+def _no_update(table: sa.Table) -> sa.Update:
+    """The placeholder ``update`` of a unit-of-work statement: never run."""
+    return sa.update(table)
 
 
 def _condition(spec: UpdateSpec, rules: TableRules) -> ColumnElement[bool] | None:

@@ -49,7 +49,8 @@ class OrmUpdate:
     """An update for the unit-of-work path (worker/db/orm.py): what to load and assign."""
 
     cls: type
-    #: Which rows: the key, the ``where`` filter, or None for ``all``.
+    #: Which rows: the ``where`` filter; None for ``all``, and for a key job (its statement's
+    #: ``row`` holds the key).
     condition: Any
     #: Column name -> value (coerced) and column name -> amount.
     sets: Mapping[str, Any]
