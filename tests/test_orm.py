@@ -22,10 +22,12 @@ from worker.db.executor import Executor
 from worker.db.groups import groupable
 from worker.db.ledger import ensure_ledger
 from worker.db.schema import Schema, build_schema, through_orm
+from worker.errors import SettingsError
 from worker.job.compiler import compile_job
 from worker.job.models import Job, parse_entry
 from worker.job.plans import Plan
 from worker.job.replies import Reply
+from worker.settings import load_settings
 
 MODELS = "tests.model_rules:Base"
 members_table: sa.Table = Member.__table__  # type: ignore[assignment]
@@ -67,6 +69,12 @@ async def audited(engine: AsyncEngine) -> list[tuple[int, int]]:
         return [tuple(found) for found in (await connection.execute(query)).all()]
 
 
+def test_worker_orm_other_than_auto_needs_models() -> None:
+    with pytest.raises(SettingsError, match="WORKER_ORM: 'always' needs WORKER_MODELS"):
+        load_settings({"WORKER_ORM": "always"})
+    assert load_settings({"WORKER_ORM": "never", "WORKER_MODELS": MODELS}).orm == "never"
+
+
 def test_auto_routes_only_the_classes_with_rules() -> None:
     mappers = [Member.__mapper__, Plain.__mapper__]
     assert orm.routed(mappers, "auto") == {"members": Member}
@@ -89,6 +97,10 @@ async def test_a_key_job_runs_the_validator_the_events_and_the_version_counter(
     assert found.tags == ["a", "b"]  # the TypeDecorator: sorted, lower-cased
     assert str(found.updated_at).startswith(str(FIXED_NOW))  # the onupdate= default
     assert await audited(engine) == [(1, 2), (1, 3)]  # after_update, once per applied job
+    replayed = await client.update("members", key={"id": 1}, inc={"age": 1}, id=again.id)
+    assert replayed.replayed  # from the ledger: no validator, no event, no new version
+    assert (await row(engine, 1)).version == 3
+    assert len(await audited(engine)) == 2
 
 
 async def test_a_refused_value_is_a_recorded_data_error_and_the_row_stays(
@@ -120,6 +132,12 @@ async def test_where_jobs_batches_and_caps_go_through_the_unit_of_work(
                                  returning=["id"])  # fmt: skip
     assert (adults.status, adults.rowcount) == ("ok", 2), adults.error
     assert sorted(found["id"] for found in adults.returning or []) == [2, 3]
+    assert [(await row(engine, n)).touched_by for n in (1, 2, 3)] == [None, TOUCHED_BY, TOUCHED_BY]
+    together = await client.submit({"id": "both", "updates": [
+        {"table": "members", "key": {"id": 2}, "inc": {"age": 1}},
+        {"table": "members", "key": {"id": 3}, "inc": {"age": 1}},
+    ]})  # fmt: skip
+    assert (await client.result(together, timeout=20)).rowcount == 2
     capped = await client.update("members", all=True, set={"name": "all"}, expect={"max_rows": 2})
     assert capped.error is not None
     assert capped.error.code == "expectation_failed"
@@ -133,7 +151,8 @@ async def test_where_jobs_batches_and_caps_go_through_the_unit_of_work(
     dry = await client.update("members", key={"id": 1}, set={"name": "dry"}, dry_run=True)
     assert (dry.status, dry.rowcount, dry.dry_run) == ("ok", 1, True)
     assert [(await row(engine, n)).name for n in (1, 2, 3)] == ["m1", "grown", "grown"]
-    assert [(await row(engine, n)).version for n in (1, 2, 3)] == [1, 2, 2]
+    assert [(await row(engine, n)).version for n in (1, 2, 3)] == [1, 3, 3]  # where, then batch
+    assert sorted(await audited(engine)) == [(2, 2), (2, 3), (3, 2), (3, 3)]
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -154,6 +154,14 @@ class Settings(BaseSettings):
     @classmethod
     def _sentinel_addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         parse_sentinels(value)
+        return value
+
+    @field_validator("orm")
+    @classmethod
+    def _orm_needs_models(cls, value: str, info: ValidationInfo) -> str:
+        if value != "auto" and not info.data.get("models"):
+            raise ValueError(f"{value!r} needs WORKER_MODELS: reflected tables have no ORM rules "
+                             "(validators, events, version counters) to honour")  # fmt: skip
         return value
 
     @field_validator("database_url")
