@@ -84,7 +84,7 @@ async def run(
     rows = None
     if work.returning:
         shown = objects[:max_returning]
-        for target in shown:  # expired by the flush where a SQL expression was assigned
+        for target in shown:  # as stored: onupdate= defaults, triggers, the counter
             await session.refresh(target, [names[name] for name in work.returning])
         rows = [{name: getattr(target, names[name]) for name in work.returning}
                 for target in shown]  # fmt: skip

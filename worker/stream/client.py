@@ -35,6 +35,8 @@ _SOCKET_MARGIN_S: Final = 5.0
 #: a burst of concurrent sends must queue, never lose a job to ``MaxConnectionsError``.
 MAX_CONNECTIONS: Final = 100
 _POOL_WAIT_S: Final = 20.0
+#: Connections a cluster client opens to one node at most.
+_CLUSTER_CONNECTIONS: Final = 1200
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +130,9 @@ async def open_redis(target: RedisTarget | str, *, block_ms: int = 0) -> AnyRedi
         target.url,
         socket_timeout=_socket_timeout(block_ms),
         socket_connect_timeout=_SOCKET_MARGIN_S,
-        max_connections=MAX_CONNECTIONS,
+        # Per node, and refused (not queued) past it: room for a blocked XREAD per partition
+        # a worker waits on (worker/stream/reading.py), up to WORKER_PARTITIONS' 1024.
+        max_connections=_CLUSTER_CONNECTIONS,
         **_tls_options(target.url, target.tls),
     )
     try:
