@@ -79,16 +79,25 @@ async def assert_series_applied(
 
 
 @pytest.fixture
+def worker_settings() -> dict[str, str]:
+    """More WORKER_* settings for the workers (tests/test_orm.py runs them through the unit
+    of work)."""
+    return {}
+
+
+@pytest.fixture
 async def workers(
-    engine: AsyncEngine, database_url: str, prefix: str, tmp_path: Path, redis_url: str
-) -> AsyncIterator[WorkerProcesses]:
+    engine: AsyncEngine, database_url: str, prefix: str, tmp_path: Path, redis_url: str,
+    worker_settings: dict[str, str],
+) -> AsyncIterator[WorkerProcesses]:  # fmt: skip
     async with engine.begin() as connection:
         await connection.run_sync(metadata.create_all)
         await connection.execute(series.insert(), [{"id": row, "x": 0} for row in range(ROWS)])
         await connection.execute(shared.insert(), [{"id": row, "x": 0} for row in range(3)])
     processes = WorkerProcesses({"WORKER_DATABASE_URL": database_url, "WORKER_REDIS_URL": redis_url,
                                  "WORKER_PREFIX": prefix, "WORKER_LEASE_MS": "2000",
-                                 "WORKER_BLOCK_MS": "500", "WORKER_CONCURRENCY": "4"}, tmp_path)  # fmt: skip
+                                 "WORKER_BLOCK_MS": "500", "WORKER_CONCURRENCY": "4",
+                                 **worker_settings}, tmp_path)  # fmt: skip
     try:
         yield processes
         running = len(processes.alive())

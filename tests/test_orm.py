@@ -16,6 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tests.conftest import WorkerFactory
 from tests.model_app import FIXED_NOW
 from tests.model_rules import TOUCHED_BY, Base, Member, Plain, audit
+from tests.test_order import (
+    test_jobs_on_a_row_apply_in_order_across_three_worker_processes as test_order_through_orm,
+)
+from tests.test_order import workers  # noqa: F401 - the fixture the ordering test takes
 from worker.client import UpdateClient
 from worker.db import orm
 from worker.db.executor import Executor
@@ -30,6 +34,14 @@ from worker.job.replies import Reply
 from worker.settings import load_settings
 
 MODELS = "tests.model_rules:Base"
+__all__ = ["test_order_through_orm"]  # tests/test_order.py's, every job through the unit of work
+
+
+@pytest.fixture
+def worker_settings() -> dict[str, str]:
+    return {"WORKER_MODELS": "tests.model_series:Base", "WORKER_ORM": "always"}
+
+
 members_table: sa.Table = Member.__table__  # type: ignore[assignment]
 plains_table: sa.Table = Plain.__table__  # type: ignore[assignment]
 

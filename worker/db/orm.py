@@ -99,23 +99,31 @@ async def run_rows(
     later job of the group changes again is flushed first, so that the events and the version
     counter count each job."""
     loaded = await _load_rows(session, statements)
-    changed: set[tuple[Any, ...]] = set()
-    targets: list[Any] = []
+    results: list[UpdateResult] = []
+    # A round: statements on distinct rows. A row met again starts the next round, after a
+    # flush, so each job's result (``returning`` too) is the row as that job left it.
+    round_: list[tuple[Statement, Any]] = []
     for statement in statements:
         work, row = _grouped(statement)
         target = loaded.get(row)
         if refusal := statement.guards.refusal(int(target is not None), label=statement.table):
             raise refusal
+        if target is not None and any(seen is target for _, seen in round_):
+            results += await _finish(session, round_, max_returning=max_returning)
+            round_ = []
         if target is not None:
-            if row in changed:
-                await session.flush()
-                changed.clear()
             _assign(target, work, _attributes(sa.inspect(work.cls), work), label=statement.table)
-            changed.add(row)
-        targets.append(target)
+        round_.append((statement, target))
+    return results + await _finish(session, round_, max_returning=max_returning)
+
+
+async def _finish(
+    session: AsyncSession, round_: Sequence[tuple[Statement, Any]], *, max_returning: int
+) -> list[UpdateResult]:
+    """Flush a round, then each of its statements' results."""
     await session.flush()
     return [await _result(session, statement, target, max_returning=max_returning)
-            for statement, target in zip(statements, targets, strict=True)]  # fmt: skip
+            for statement, target in round_]  # fmt: skip
 
 
 async def _load_rows(
