@@ -150,6 +150,9 @@ async def test_where_jobs_batches_and_caps_go_through_the_unit_of_work(
         {"table": "members", "key": {"id": 3}, "inc": {"age": 1}},
     ]})  # fmt: skip
     assert (await client.result(together, timeout=20)).rowcount == 2
+    refused = await client.update("members", where={"age": {"gte": 0}}, set={"age": -1})
+    assert refused.error is not None  # the validator, on every loaded row of a `where` job
+    assert refused.error.code == "data_error"
     capped = await client.update("members", all=True, set={"name": "all"}, expect={"max_rows": 2})
     assert capped.error is not None
     assert capped.error.code == "expectation_failed"
