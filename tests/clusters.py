@@ -135,10 +135,15 @@ class PrivateCluster:
         await _until(self.healthy, "the cluster is ok on every node")
 
     async def healthy(self) -> bool:
+        """Every live node says the cluster is ok, three are primaries, and every replica is in
+        sync with its primary (a replica still syncing would not confirm a WAIT)."""
         for node in self.live():
             async with node.client() as client:
                 info = await client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
                 if "cluster_state:ok" not in str(info):
+                    return False
+                replication = await client.info("replication")
+                if replication["role"] == "slave" and replication["master_link_status"] != "up":
                     return False
         return len(await self.primaries()) == 3
 

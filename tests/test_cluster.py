@@ -21,7 +21,10 @@ from tests.test_operate import cli, http_get
 from tests.test_order import (
     test_jobs_on_a_row_apply_in_order_across_three_worker_processes as test_order_across_workers,
 )
-from tests.test_order import workers  # noqa: F401 - the fixture the ordering test takes
+from tests.test_order import (  # noqa: F401 - the fixtures the ordering test takes
+    worker_settings,
+    workers,
+)
 from tests.test_service import (
     test_a_plain_redis_producer_gets_its_reply_on_the_channel_and_under_the_result_key as test_redis_cli_producer,
 )  # fmt: skip

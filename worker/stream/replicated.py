@@ -100,7 +100,7 @@ class ReplicatedWrites:
             return
         if not await self._replica_count(client, name, fresh=True):
             return
-        raise Unavailable(f"no replica of {name} confirmed the moves within "
+        raise Unavailable(f"no replica of {name} confirmed the writes within "
                           f"{self._timeout_ms} ms", reason="replica_lag")  # fmt: skip
 
     async def _replica_count(self, client: Redis, name: str, *, fresh: bool = False) -> int:
