@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -16,6 +17,8 @@ from typing import TypeVar
 from redis.asyncio import Redis
 
 from tests.faults import free_port
+
+_HIGHEST_CLUSTER_PORT = 55_535
 
 Deployment = TypeVar("Deployment", "PrivateCluster", "PrivateSentinel")
 
@@ -35,6 +38,24 @@ async def _until(check: Callable[[], Awaitable[bool]], what: str, timeout: float
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not within {timeout} s")
         await asyncio.sleep(0.1)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_cluster_port() -> int:
+    """A free port a cluster node can take: at most 55535, with its cluster bus port (10,000
+    higher) free too; redis-server refuses a higher one."""
+    while True:
+        port = free_port()
+        if port <= _HIGHEST_CLUSTER_PORT and _bindable(port + 10_000):
+            return port
 
 
 class Node:
@@ -74,7 +95,7 @@ class Node:
         )  # fmt: skip
 
     def _choose_port(self) -> None:
-        self.port = free_port()
+        self.port = free_cluster_port() if "--cluster-enabled" in self.extra else free_port()
         self.directory = self.root / str(self.port)
         self.directory.mkdir(parents=True)
 
