@@ -134,7 +134,8 @@ class Transport:
     ) -> None:
         """Store and publish ``(entry, reply, channel)`` answers, and ack the entries of
         final replies, in one script call: a whole group costs one round trip. Running it
-        twice is harmless (see :meth:`_write`).
+        twice is harmless (SET, XACK and XDEL are idempotent, and a reply published twice
+        carries the same id).
 
         ``ack=None`` acks exactly the final replies; ``ack=False`` acks none.
         """
@@ -145,13 +146,10 @@ class Transport:
             return
         keys: list[str] = []
         args: list[Any] = [self._result_ttl, self._group, len(answers)]
-        acked: dict[str, list[str]] = defaultdict(list)
-        for entry, reply, channel in answers:
+        for _, reply, channel in answers:
             keys.append(self.names.result(reply.id))
             args += (reply.encode(), channel or self.names.replies)
-            if ack is not False and (ack or reply.final):
-                acked[self.names.partition(entry.partition)].append(entry.id)
-        for stream, entry_ids in acked.items():
+        for stream, entry_ids in self._acked(answers, ack).items():
             keys.append(stream)
             args += (len(entry_ids), *entry_ids)
 
@@ -169,11 +167,8 @@ class Transport:
              [self._result_ttl, reply.encode(), channel or self.names.replies])
             for _, reply, channel in answers
         ]  # fmt: skip
-        acked: dict[str, list[str]] = defaultdict(list)
-        for entry, reply, _ in answers:
-            if ack is not False and (ack or reply.final):
-                acked[self.names.partition(entry.partition)].append(entry.id)
-        acks: list[Call] = [([stream], [self._group, *ids]) for stream, ids in acked.items()]
+        acks: list[Call] = [([stream], [self._group, *ids])
+                            for stream, ids in self._acked(answers, ack).items()]  # fmt: skip
 
         async def once() -> None:
             assert self._replicated is not None  # noqa: S101 - on a cluster
@@ -182,6 +177,17 @@ class Transport:
                 await run_each(self.redis, self._ack_script, acks)
 
         await self._retried(once, f"{len(answers)} repl(y/ies), {answers[0][1].id} first")
+
+    def _acked(
+        self, answers: Sequence[tuple[Entry, Reply, str | None]], ack: bool | None
+    ) -> dict[str, list[str]]:
+        """Partition stream -> the entry ids to ack: those of final replies (``ack=None``),
+        all (``True``) or none (``False``)."""
+        acked: dict[str, list[str]] = defaultdict(list)
+        for entry, reply, _ in answers:
+            if ack is not False and (ack or reply.final):
+                acked[self.names.partition(entry.partition)].append(entry.id)
+        return acked
 
     async def dead_letter(
         self,
