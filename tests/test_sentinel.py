@@ -56,6 +56,14 @@ async def test_the_settings_find_the_primary_through_the_sentinels(
         await redis.aclose()
 
 
+def test_sentinel_settings_that_would_be_ignored_are_refused() -> None:
+    with pytest.raises(SettingsError, match="WORKER_REDIS_SENTINELS: a Redis Cluster has no"):
+        load_settings({"WORKER_REDIS_CLUSTER": "yes", "WORKER_REDIS_SENTINELS": "h:26379"})
+    chosen = load_settings({"WORKER_REDIS_SENTINEL_SERVICE": "cache",
+                            "WORKER_REDIS_SENTINELS": "h:26379"})  # fmt: skip
+    assert chosen.redis_sentinel_service == "cache"
+
+
 @pytest.mark.parametrize("given", ["127.0.0.1:notaport", "http://127.0.0.1:26379",
                                    "redis://:a@h:1,redis://:b@h:2"])  # fmt: skip
 def test_bad_sentinel_addresses_are_refused_naming_the_variable(given: str) -> None:

@@ -152,8 +152,11 @@ class Settings(BaseSettings):
 
     @field_validator("redis_sentinels")
     @classmethod
-    def _sentinel_addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+    def _sentinel_addresses(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
         parse_sentinels(value)
+        if value and info.data.get("redis_cluster") == "yes":
+            raise ValueError("a Redis Cluster has no sentinels: set WORKER_REDIS_CLUSTER or "
+                             "WORKER_REDIS_SENTINELS, not both")  # fmt: skip
         return value
 
     @field_validator("orm")
