@@ -37,18 +37,23 @@ async def _start_together(database_url: str, prefix: str, logs: Path) -> WorkerP
     return workers
 
 
+async def _all_start(database_url: str, prefix: str, logs: Path) -> None:
+    """Start AT_ONCE workers together: none may have exited; then stop them."""
+    workers = await _start_together(database_url, prefix, logs)
+    try:
+        failed = [process for process in workers.spawned if process.poll() is not None]
+        assert failed == [], workers.tail()
+    finally:
+        await workers.terminate()
+        workers.kill_all()
+
+
 async def test_workers_starting_together_on_a_fresh_sqlite_file_all_start(
     tmp_path: Path, prefix: str
 ) -> None:
     for round_ in range(ROUNDS):
         url = f"sqlite+aiosqlite:///{tmp_path / f'fresh-{round_}.db'}"
-        workers = await _start_together(url, f"{prefix}-{round_}", tmp_path / f"logs-{round_}")
-        try:
-            failed = [process for process in workers.spawned if process.poll() is not None]
-            assert failed == [], workers.tail()
-        finally:
-            await workers.terminate()
-            workers.kill_all()
+        await _all_start(url, f"{prefix}-{round_}", tmp_path / f"logs-{round_}")
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
@@ -56,10 +61,4 @@ async def test_workers_starting_together_on_postgresql_all_start(
     engine: AsyncEngine, database_url: str, prefix: str, tmp_path: Path
 ) -> None:
     del engine  # a fresh schema with the seed tables; the ledger is the workers' to make
-    workers = await _start_together(database_url, prefix, tmp_path / "logs")
-    try:
-        failed = [process for process in workers.spawned if process.poll() is not None]
-        assert failed == [], workers.tail()
-    finally:
-        await workers.terminate()
-        workers.kill_all()
+    await _all_start(database_url, prefix, tmp_path / "logs")
