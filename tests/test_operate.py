@@ -19,14 +19,15 @@ from tests.tables import items
 from tests.test_cli import CLI, ROOT, clean_env, free_port
 from worker.client import UpdateClient
 from worker.db.ledger import ensure_ledger, ledger, prune
-from worker.ops.metrics import Metrics, Probes, serve_http
+from worker.ops.health import Probes, serve_http
+from worker.ops.metrics import Metrics
 from worker.stream import deployment
 from worker.stream.names import Names
 
 
 async def http_get(port: int, path: str) -> tuple[int, str]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     await writer.drain()
     response = (await reader.read()).decode()
     writer.close()
@@ -103,9 +104,12 @@ async def test_health_endpoints_fail_with_the_reason() -> None:
             sample(text, "update_worker_stream_length"),
             sample(text, "update_worker_pending_entries"),
         ) == (7, 2)
-        assert (await http_get(port, "/nope"))[0] == 404
+        assert await http_get(port, "/nope") == (
+            404,
+            "not found: try /metrics, /healthz or /readyz\n",
+        )
     finally:
-        server.close()
+        await server.close()
 
 
 async def test_check_names_each_missing_piece(

@@ -1,28 +1,17 @@
-"""Prometheus metrics and the health endpoints (DESIGN.md §8), served when WORKER_METRICS_PORT
-is set.
-
-- ``GET /metrics``: Prometheus text. The stream length and pending count are read from Redis
-  at scrape time, so they are never staler than the scrape.
-- ``GET /healthz``: liveness. 200 while the worker's loop keeps turning; 503 when it has not
-  turned for ``liveness_s`` (or no answer at all, when the event loop itself is stuck).
-- ``GET /readyz``: readiness. 200 when Redis answers PING and the database ``SELECT 1``
-  within the deadline; 503 with one line per failing component otherwise.
+"""Prometheus metrics (DESIGN.md §8); worker/ops/health.py serves them with the health
+endpoints.
 
 Each worker has a registry of its own (no process-wide state), which is what tests scrape.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -128,66 +117,3 @@ class _ByPrimary(Collector):
         for primary, count in sorted((self._metrics.by_primary or dict)().items()):
             family.add_metric([primary], count)
         yield family
-
-
-@dataclass(frozen=True, slots=True)
-class Probes:
-    """What the endpoints ask the worker; each call is bounded by ``deadline_s``."""
-
-    #: Problems with Redis and the database, one line each, naming the component.
-    problems: Callable[[], Awaitable[list[str]]]
-    #: The backlog (ingest plus partitions), the pending count, and the ingest's length.
-    backlog: Callable[[], Awaitable[tuple[int, int, int]]]
-    liveness_s: float
-    deadline_s: float = 2.0
-
-
-async def serve_http(port: int, metrics: Metrics, probes: Probes) -> asyncio.Server:
-    """Start the endpoints on ``port`` (all interfaces); close the returned server to stop."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), probes.deadline_s)
-            parts = request.split(b" ", 2)
-            path = parts[1].decode("ascii", "replace").split("?")[0] if len(parts) > 1 else ""
-            status, kind, body = await _respond(path, metrics, probes)
-            head = (f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}"
-                    "\r\nConnection: close\r\n\r\n")  # fmt: skip
-            writer.write(head.encode() + body)
-            await writer.drain()
-        except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass  # a client that went away or never finished asking
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-
-    return await asyncio.start_server(handle, host="0.0.0.0", port=port)  # noqa: S104
-
-
-async def _respond(path: str, metrics: Metrics, probes: Probes) -> tuple[str, str, bytes]:
-    text = "text/plain; charset=utf-8"
-    if path == "/metrics":
-        try:
-            length, pending, ingest = await asyncio.wait_for(probes.backlog(), probes.deadline_s)
-            metrics.stream_length.set(length)
-            metrics.pending.set(pending)
-            metrics.ingest.set(ingest)
-        except Exception as error:  # noqa: BLE001 - the scrape still serves the rest
-            log.warning("metrics: reading the stream's backlog failed: %s", error)
-        return "200 OK", CONTENT_TYPE_LATEST, metrics.render()
-    if path == "/healthz":
-        idle = time.monotonic() - metrics.last_turn
-        if idle <= probes.liveness_s:
-            return "200 OK", text, f"alive: the loop turned {idle:.1f} s ago\n".encode()
-        message = f"stuck: the loop has not turned for {idle:.1f} s\n"
-        return "503 Service Unavailable", text, message.encode()
-    if path == "/readyz":
-        try:
-            problems = await asyncio.wait_for(probes.problems(), probes.deadline_s)
-        except TimeoutError:
-            problems = [f"checks: no answer within {probes.deadline_s} s"]
-        if not problems:
-            return "200 OK", text, b"ready\n"
-        return "503 Service Unavailable", text, "".join(f"{line}\n" for line in problems).encode()
-    return "404 Not Found", text, b"not found: try /metrics, /healthz or /readyz\n"

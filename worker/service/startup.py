@@ -28,7 +28,9 @@ from worker.db.schema import (
 )
 from worker.errors import SettingsError, classify
 from worker.ops import admin
-from worker.ops.metrics import Metrics, Probes, serve_http
+from worker.ops.health import Probes, serve_http
+from worker.ops.metrics import Metrics
+from worker.ops.serving import Served
 from worker.service import heap
 from worker.service.answers import Answers
 from worker.service.loop import Worker
@@ -68,7 +70,7 @@ async def open_worker(settings: Settings) -> AsyncIterator[Worker]:
         write_attempts=settings.max_attempts,
         metrics=metrics,
     )
-    endpoints: asyncio.Server | None = None
+    endpoints: Served | None = None
     helpers: list[asyncio.Task[None]] = []
     stopping = asyncio.Event()  # ends the helpers' loops; cancelling alone may not (below)
     served = False
@@ -131,7 +133,7 @@ async def open_worker(settings: Settings) -> AsyncIterator[Worker]:
     finally:
         await _stop(helpers, stopping)
         if endpoints is not None:
-            endpoints.close()
+            await endpoints.close()
         if served:
             await _leave(transport, settings.consumer, settings.partitions)
         # Bounded: a stop must end even if a connection is wedged (it is dropped, not awaited).
