@@ -35,18 +35,19 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 UPDATE_WORKER = str(Path(sys.executable).with_name("update-worker"))
 
 
-def test_compose_file_is_valid_with_and_without_prometheus() -> None:
+def test_compose_file_is_valid_with_and_without_its_profiles() -> None:
     compose = shutil.which("docker-compose")
     assert compose, "docker-compose is needed (apt-get install docker-compose)"
-    for profile in ([], ["--profile", "prometheus"]):
+    for profile in ([], ["--profile", "prometheus"], ["--profile", "web"]):
         result = subprocess.run([compose, *profile, "config", "--quiet"], cwd=ROOT,
                                 capture_output=True, text=True, check=False)  # fmt: skip
         assert result.returncode == 0, result.stderr
     services = COMPOSE["services"]
-    assert set(services) == {"redis", "postgres", "seed", "worker", "prometheus", "producer"}
+    assert set(services) == {"redis", "postgres", "seed", "worker", "prometheus", "web", "producer"}
     assert services["worker"]["deploy"]["replicas"] == 2
     assert services["worker"]["healthcheck"]["test"] == ["CMD", "update-worker", "check", "--local"]
     assert services["prometheus"]["profiles"] == ["prometheus"]
+    assert services["web"]["profiles"] == ["web"]
     redis_command = services["redis"]["command"]
     assert redis_command[redis_command.index("--appendonly") + 1] == "yes"
     assert redis_command[redis_command.index("--maxmemory-policy") + 1] == "noeviction"
@@ -146,3 +147,35 @@ async def test_the_worker_runs_as_compose_runs_it(
     for output in outputs:  # WORKER_LOG_FORMAT=json, as in compose: every line one object
         assert all(json.loads(line) for line in output.splitlines())
         assert ":postgres@" not in output  # the password in the URL is masked
+
+
+async def test_the_dashboard_runs_as_compose_runs_it(compose_database: str, prefix: str) -> None:
+    """The web service's command and environment, on a free port; its healthcheck passes."""
+    service = COMPOSE["services"]["web"]
+    own = {name: str(value) for name, value in service["environment"].items() if value is not None}
+    environment = {**own, **compose_environment(compose_database, prefix)}  # hosts mapped
+    environment["WORKER_WEB_HOST"] = "127.0.0.1"  # 0.0.0.0 in the container; local here
+    environment["WORKER_WEB_PORT"] = str(free_port())
+    web = await asyncio.create_subprocess_exec(
+        UPDATE_WORKER, *service["command"], env=clean_env(**environment),
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        check = service["healthcheck"]["test"]
+        assert check[:2] == ["CMD", "python"]
+
+        async def healthy() -> bool:
+            result = await asyncio.to_thread(
+                subprocess.run, [sys.executable, *check[2:]], env=clean_env(**environment),
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            return result.returncode == 0
+
+        await eventually(healthy, timeout=30)
+        status, page = await http_get(int(environment["WORKER_WEB_PORT"]), "/")
+        assert status == 200
+        assert 'id="read-only"' in page  # no token in the compose file itself
+    finally:
+        web.terminate()
+        _, stderr = await web.communicate()
+    assert web.returncode == 0, stderr.decode()

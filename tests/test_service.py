@@ -17,6 +17,7 @@ from tests.conftest import REDIS_URL, WorkerFactory, eventually
 from tests.model_app import FIXED_NOW, Base
 from worker.client import UpdateClient
 from worker.job.replies import Reply
+from worker.ops.metrics import Metrics
 from worker.service import startup
 from worker.stream import deployment
 from worker.stream.client import connect
@@ -273,7 +274,7 @@ async def test_a_helper_loop_ends_even_when_its_call_turns_the_cancel_into_an_er
     monkeypatch.setattr(deployment, "HEARTBEAT_S", 0.01)
     stopping = asyncio.Event()
     transport: Any = types.SimpleNamespace(redis=None, names=None)
-    beating = asyncio.create_task(startup._heartbeat(transport, "me", None, stopping))  # type: ignore[arg-type]
+    beating = asyncio.create_task(startup._heartbeat(transport, "me", None, Metrics(), stopping))  # type: ignore[arg-type]
     await asyncio.wait_for(beat.wait(), 5)  # inside its first call
     await asyncio.wait_for(startup._stop([beating], stopping), 5)
     assert beating.done()

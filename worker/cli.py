@@ -131,6 +131,14 @@ def _demo(settings: Settings, _args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(settings))
 
 
+def _web(settings: Settings, _args: argparse.Namespace) -> int:
+    from worker.ops.web.app import serve_web  # noqa: PLC0415 - keeps the other commands fast
+
+    with asyncio.Runner(loop_factory=_fastest_loop()) as runner:
+        runner.run(serve_web(settings))
+    return EXIT_OK
+
+
 def _parser() -> argparse.ArgumentParser:
     settings_flags = argparse.ArgumentParser(add_help=False)
     group = settings_flags.add_argument_group(
@@ -200,6 +208,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--older-than", metavar="DURATION",
                        help="e.g. 7d (default: WORKER_LEDGER_RETENTION)")  # fmt: skip
     command("demo", _demo, "run the seed scenario end to end on SQLite")
+    command("web", _web, "serve the dashboard (WORKER_WEB_HOST:WORKER_WEB_PORT) until Ctrl-C")
     return parser
 
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -126,8 +126,20 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(
         None, ge=1, le=65_535, description="port of /metrics, /healthz and /readyz (off if unset)"
     )
+    web_host: str = Field("127.0.0.1", min_length=1, description="address `web` listens on")
+    web_port: int = Field(8080, ge=0, le=65_535, description="port of `web`, the dashboard")
+    web_token: SecretStr | None = Field(
+        None, description="lets `web` replay and purge, 16+ characters (read-only without it)"
+    )
     log_format: Literal["text", "json"] = Field("text", description="text or json")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+
+    @field_validator("web_token")
+    @classmethod
+    def _long_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("needs 16 characters or more: it is all that guards the actions")
+        return value
 
     @field_validator("tables", "readonly_columns", "writable_keys", "redis_sentinels",
                      mode="before")  # fmt: skip
@@ -228,6 +240,10 @@ class _MappingEnvSource(EnvSettingsSource):
         )
 
 
+#: Settings whose value never goes into a message.
+_SECRETS: Final = frozenset({"web_token"})
+
+
 def load_settings(environ: Mapping[str, str], flags: Mapping[str, Any] | None = None) -> Settings:
     """Settings from ``environ`` (``WORKER_*``) overlaid with command-line ``flags`` (by field)."""
     flags = {name: value for name, value in (flags or {}).items() if value is not None}
@@ -247,6 +263,8 @@ def load_settings(environ: Mapping[str, str], flags: Mapping[str, Any] | None = 
         origin = flag_name(field) if field in flags else ENV_PREFIX + field.upper()
         shown = mask_url(str(first["input"])) if isinstance(first["input"], str) else first["input"]
         message = first["msg"].removeprefix("Value error, ")
+        if field in _SECRETS:
+            raise SettingsError(f"{origin}: {message}") from None
         raise SettingsError(f"{origin}: {message} (got {shown!r})") from None
 
 

@@ -40,6 +40,8 @@ ledger = sa.Table(
 class Entry:
     payload_hash: str
     reply: str
+    #: Set by ``find`` (the dashboard's job lookup); the worker's paths leave it out.
+    finished_at: dt.datetime | None = None
 
 
 async def ensure_ledger(connection: AsyncConnection) -> None:
@@ -117,6 +119,15 @@ async def lookup(session: AsyncSession, job_id: str) -> Entry | None:
     statement = sa.select(ledger.c.payload_hash, ledger.c.reply).where(ledger.c.job_id == job_id)
     row = (await session.execute(statement)).one_or_none()
     return None if row is None else Entry(payload_hash=row.payload_hash, reply=row.reply)
+
+
+async def find(engine: AsyncEngine, job_id: str) -> Entry | None:
+    """One job's row, read-only, for an operator."""
+    columns = (ledger.c.payload_hash, ledger.c.reply, ledger.c.finished_at)
+    async with engine.connect() as connection:
+        found = await connection.execute(sa.select(*columns).where(ledger.c.job_id == job_id))
+        row = found.one_or_none()
+    return None if row is None else Entry(row.payload_hash, row.reply, row.finished_at)
 
 
 @functools.cache

@@ -100,6 +100,17 @@ class Metrics:
         for table, count in zip(tables, counts, strict=False):
             self._rows(table).inc(count)
 
+    def answered_by_status(self) -> dict[str, int]:
+        """Replies sent so far, by ``ok`` or error code (all tables): the heartbeat carries it
+        to the dashboard."""
+        totals: dict[str, int] = {}
+        for family in self.jobs.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    status = sample.labels["status"]
+                    totals[status] = totals.get(status, 0) + int(sample.value)
+        return totals
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -32,6 +32,14 @@ class Partition:
     oldest_pending_age_s: float | None
     #: On a Redis Cluster, the primary (``host:port``) that holds the partition's slot.
     primary: str | None = None
+    #: Entries of this partition answered, ever (read by the group and no longer pending).
+    answered: int = 0
+    #: Age of its oldest entry not yet answered (read or not), since its XADD.
+    lag_s: float | None = None
+
+    @property
+    def unread(self) -> int:
+        return max(0, self.length - self.pending)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +84,14 @@ async def snapshot(redis: AnyRedis, names: Names, group: str) -> Snapshot:
                 idle_by[name] = min(idle_by.get(name, 1e12), int(entry["idle"]) / 1000)
         owner = await redis.get(names.owner(number))
         pending = int(info.get("pending", 0))
-        answered += int(info.get("entries-read") or 0) - pending
-        views.append(Partition(number, None if owner is None else text(owner),
-                               int(await redis.xlen(stream)), pending, oldest,
-                               primary_of(redis, stream)))  # fmt: skip
+        done = int(info.get("entries-read") or 0) - pending
+        answered += done
+        length = int(await redis.xlen(stream))
+        lag = None
+        if length and (first := await redis.xrange(stream, count=1)):  # answered ones are gone
+            lag = max(0.0, time.time() - entry_ms(text(first[0][0])) / 1000)
+        views.append(Partition(number, None if owner is None else text(owner), length, pending,
+                               oldest, primary_of(redis, stream), done, lag))  # fmt: skip
     alive = frozenset(record.consumer for record in await deployment.records(redis, names)
                       if record.live)  # fmt: skip
     for name in alive | {view.owner for view in views if view.owner}:

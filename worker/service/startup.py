@@ -126,7 +126,7 @@ async def open_worker(settings: Settings) -> AsyncIterator[Worker]:
         worker = _wire(settings, engine, transport, executor, schema, recovery, metrics)
         offered = deployment.offer(schema, worker.policy, max_job_bytes=settings.max_job_bytes)
         await _compare(transport, settings.consumer, offered)
-        beating = _heartbeat(transport, settings.consumer, offered, stopping)
+        beating = _heartbeat(transport, settings.consumer, offered, metrics, stopping)
         helpers.append(asyncio.create_task(beating, name="deployment heartbeat"))
         yield worker
         served = True
@@ -244,11 +244,16 @@ async def _compare(transport: Transport, consumer: str, offered: deployment.Offe
 
 
 async def _heartbeat(
-    transport: Transport, consumer: str, offered: deployment.Offer, stopping: asyncio.Event
+    transport: Transport,
+    consumer: str,
+    offered: deployment.Offer,
+    metrics: Metrics,
+    stopping: asyncio.Event,
 ) -> None:
     while not await _paused(stopping, deployment.HEARTBEAT_S):
         try:
-            await deployment.announce(transport.redis, transport.names, consumer, offered)
+            await deployment.announce(transport.redis, transport.names, consumer, offered,
+                                      metrics.answered_by_status())  # fmt: skip
         except Exception as error:  # noqa: BLE001 - logged; the next beat tries again
             log.warning("deployment: heartbeat failed: %s", classify(error).message)
 

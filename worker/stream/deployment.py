@@ -14,7 +14,7 @@ import hashlib
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from worker.job.plans import Policy
@@ -82,16 +82,26 @@ class Record:
     offer: Offer
     fingerprint: str
     seen_s: float
+    #: Replies this worker sent since it started, by ``ok`` or error code (the dashboard's
+    #: replies by status; a worker started before this field carries none).
+    answered: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def live(self) -> bool:
         return time.time() - self.seen_s < LIVE_S
 
 
-async def announce(redis: AnyRedis, names: Names, consumer: str, offered: Offer) -> None:
+async def announce(
+    redis: AnyRedis,
+    names: Names,
+    consumer: str,
+    offered: Offer,
+    answered: Mapping[str, int] | None = None,
+) -> None:
     """Write (or refresh) this worker's record, and forget workers gone for long."""
     body = {"tables": offered.tables, "settings": offered.settings,
-            "fingerprint": offered.fingerprint, "seen_s": time.time()}  # fmt: skip
+            "fingerprint": offered.fingerprint, "seen_s": time.time(),
+            "answered": dict(answered or {})}  # fmt: skip
     await redis.hset(names.meta, _FIELD + consumer, json.dumps(body, separators=(",", ":")))
     if forgotten := [f"{_FIELD}{record.consumer}" for record in await records(redis, names)
                      if time.time() - record.seen_s > FORGET_S]:  # fmt: skip
@@ -126,11 +136,18 @@ async def records(redis: AnyRedis, names: Names) -> list[Record]:
             record = Record(consumer=name.removeprefix(_FIELD),
                             offer=Offer(tables=body["tables"], settings=body["settings"]),
                             fingerprint=str(body["fingerprint"]),
-                            seen_s=float(body["seen_s"]))  # fmt: skip
+                            seen_s=float(body["seen_s"]),
+                            answered=_counts(body.get("answered")))  # fmt: skip
         except (ValueError, KeyError, TypeError):
             continue  # not ours to read; never a reason to fail
         found.append(record)
     return sorted(found, key=lambda record: record.consumer)
+
+
+def _counts(found: Any) -> dict[str, int]:
+    if not isinstance(found, dict):
+        return {}
+    return {str(key): value for key, value in found.items() if isinstance(value, int)}
 
 
 def mismatches(mine: Record, others: list[Record]) -> list[str]:

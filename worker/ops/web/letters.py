@@ -1,0 +1,171 @@
+"""The dead-letter pages: the list (filtered by reason and age), one letter in full, and
+replay or purge of one, of a selection, or of all that match a filter, each after a
+confirmation. Actions need a signed-in operator and the form's CSRF token."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from starlette.datastructures import FormData
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from worker.ops.web.pages import Pages
+from worker.settings import parse_duration
+from worker.stream import deadletters
+from worker.stream.deadletters import Letter
+from worker.stream.names import entry_ms
+
+if TYPE_CHECKING:
+    from worker.ops.web.app import Web
+
+#: Letters listed on one page; the count above the list says how many match.
+SHOWN = 200
+#: Letters named on a confirmation page.
+NAMED = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """Which letters: a reason and an age, and, when ``ids`` is set, only those."""
+
+    reason: str | None
+    older_than: str
+    ids: frozenset[str] | None = None
+    #: For "all matching": the newest letter when the operator confirmed; later ones are
+    #: not theirs to act on.
+    until: str | None = None
+
+    @classmethod
+    def of(cls, values: Mapping[str, str], ids: list[str] | None = None) -> Choice:
+        return cls(
+            values.get("reason") or None,
+            values.get("older_than", "").strip()[:20],
+            None if ids is None else frozenset(ids),
+            values.get("until") or None,
+        )
+
+    @property
+    def error(self) -> str | None:
+        """A filter that is no filter: it matches nothing, and the page says why."""
+        try:
+            parse_duration(self.older_than or "0")
+        except ValueError as error:
+            return f"older than: {error}"
+        return None
+
+    def matches(self, letter: Letter) -> bool:
+        if self.error is not None:
+            return False
+        if self.ids is not None and letter.id not in self.ids:
+            return False
+        if self.until is not None and entry_ms(letter.id) > entry_ms(self.until):
+            return False
+        older = parse_duration(self.older_than).total_seconds() if self.older_than else None
+        return deadletters.matches(letter, reason=self.reason, older_than_s=older or None)
+
+
+class Letters:
+    def __init__(self, web: Web) -> None:
+        self._web = web
+        self._pages = Pages(web)
+
+    async def listing(self, request: Request) -> Response:
+        choice = Choice.of(request.query_params)
+        every = [letter async for letter in deadletters.letters(self._web.redis, self._web.names)]
+        chosen = [letter for letter in every if choice.matches(letter)]
+        return self._web.page(
+            request,
+            "dead",
+            title="Dead letters",
+            letters=chosen[-SHOWN:][::-1],
+            matching=len(chosen),
+            total=len(every),
+            choice=choice,
+            reasons=sorted({letter.reason for letter in every}),
+            now=time.time(),
+            done=_done(request.query_params),
+        )
+
+    async def show(self, request: Request) -> Response:
+        letter_id = request.path_params["letter_id"]
+        letter = await deadletters.find(self._web.redis, self._web.names, letter_id)
+        if letter is None:
+            return self._web.page(
+                request,
+                "refused",
+                status=404,
+                title="Not found",
+                reason=f"No dead letter {letter_id} (replayed or purged?).",
+            )
+        return self._web.page(request, "letter", title=f"Dead letter {letter.id}", letter=letter)
+
+    async def act(self, request: Request) -> Response:
+        guard = self._web.guard
+        form = await request.form()
+        if not guard.csrf_ok(request, form.get("csrf")):
+            return self._pages.refuse(request, "The form carries no valid CSRF token.")
+        if not guard.signed_in(request):
+            reason = (
+                "This dashboard is read-only: it has no WORKER_WEB_TOKEN."
+                if guard.read_only
+                else "Log in with the token to replay or purge."
+            )
+            return self._pages.refuse(request, reason)
+        action = str(form.get("action", ""))
+        if action not in ("replay", "purge"):
+            return self._pages.refuse(request, "Unknown action.")
+        choice = _choice(form)
+        if choice is None:
+            return self._pages.refuse(request, "Choose letters, or all that match a filter.")
+        if choice.error:
+            return self._pages.refuse(request, choice.error)
+        every = [letter async for letter in deadletters.letters(self._web.redis, self._web.names)]
+        chosen = [letter for letter in every if choice.matches(letter)]
+        if form.get("confirmed") != "yes":
+            newest = chosen[-1].id if chosen else None
+            return self._web.page(
+                request,
+                "confirm",
+                title=f"Confirm {action}",
+                action=action,
+                chosen=chosen[:NAMED],
+                count=len(chosen),
+                choice=choice,
+                until=choice.until or newest,
+                replayable=sum(letter.replayable() for letter in chosen),
+            )
+        if action == "purge":
+            purged = await deadletters.purge(self._web.redis, self._web.names, chosen)
+            return _back("purged", purged)
+        replayable = [letter for letter in chosen if letter.replayable()]
+        done = await deadletters.replay(self._web.redis, self._web.names, replayable)
+        return _back("replayed", len(done), kept=len(chosen) - len(replayable))
+
+
+def _choice(form: FormData) -> Choice | None:
+    values = {key: str(form.get(key, "")) for key in ("reason", "older_than", "until")}
+    if form.get("scope") == "matching":
+        return Choice.of(values)
+    # A selection is exactly the letters ticked, whatever filter the list had.
+    ids = [str(value) for value in form.getlist("ids")]
+    return Choice(None, "", frozenset(ids)) if ids else None
+
+
+def _back(done: str, count: int, *, kept: int = 0) -> Response:
+    return RedirectResponse(f"/dead?done={done}&count={count}&kept={kept}", status_code=303)
+
+
+def _done(params: Mapping[str, str]) -> tuple[str, int, int] | None:
+    """What the last action did, from the redirect's query: a verb of ours and two numbers,
+    never text a link could make the page say."""
+    done = params.get("done")
+    if done not in ("replayed", "purged"):
+        return None
+    try:
+        return done, int(params.get("count", "0")), int(params.get("kept", "0"))
+    except ValueError:
+        return None
