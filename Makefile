@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test lint bench services clean
+.PHONY: demo test lint bench services browser clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -24,13 +24,18 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check worker tests bench
 	$(BIN)/mypy
 
-## test: lint, make sure Redis and PostgreSQL answer, then the whole suite on both backends
-test: lint services
+## test: lint, make sure Redis, PostgreSQL and Chromium are there, then the whole suite on both
+## backends (the dashboard's browser test included)
+test: lint services browser
 	$(BIN)/pytest
 
 ## services: start Redis and PostgreSQL when they are down, or fail naming the missing one
 services:
 	@bash scripts/services.sh
+
+## browser: Debian's Chromium for the browser test: installed when missing, or fail naming it
+browser:
+	@bash scripts/browser.sh
 
 ## bench: update-worker and arq, SAQ, taskiq side by side (each anchor in .venv-bench-<name>)
 bench: $(STAMP) services
