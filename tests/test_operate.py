@@ -19,6 +19,7 @@ from tests.tables import items
 from tests.test_cli import CLI, ROOT, clean_env, free_port
 from worker.client import UpdateClient
 from worker.db.ledger import ensure_ledger, ledger, prune
+from worker.ops import admin
 from worker.ops.health import Probes, serve_http
 from worker.ops.metrics import Metrics
 from worker.stream import deployment
@@ -108,8 +109,16 @@ async def test_health_endpoints_fail_with_the_reason() -> None:
             404,
             "not found: try /metrics, /healthz or /readyz\n",
         )
+        # What `check --local` (the compose healthcheck) says of it.
+        assert await admin.local_readiness(port, deadline_s=5) == (
+            f"worker: /readyz on :{port} answered 503 Service Unavailable: "
+            "database: connection refused"
+        )
     finally:
         await server.close()
+    gone = await admin.local_readiness(port, deadline_s=5)
+    assert gone is not None
+    assert gone.startswith(f"worker: no worker answers /readyz on :{port} (")
 
 
 async def test_check_names_each_missing_piece(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -128,23 +130,19 @@ async def local_readiness(port: int, *, deadline_s: float) -> str | None:
     What a container's healthcheck asks: whether *its own* worker is up, not whether some
     worker created the group."""
 
-    async def ask() -> str | None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    def ask() -> str | None:
+        url = f"http://127.0.0.1:{port}/readyz"
         try:
-            writer.write(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            await writer.drain()
-            response = (await reader.read()).decode("utf-8", errors="replace")
-        finally:
-            writer.close()
-        status, _, body = response.partition("\r\n\r\n")
-        if status.split(" ")[1:2] == ["200"]:
-            return None
-        return f"worker: /readyz on :{port} answered {status.splitlines()[0]}: {body.strip()}"
+            with urllib.request.urlopen(url, timeout=deadline_s):
+                return None
+        except urllib.error.HTTPError as error:
+            body = error.read().decode("utf-8", errors="replace").strip()
+            return f"worker: /readyz on :{port} answered {error.code} {error.reason}: {body}"
+        except (OSError, TimeoutError) as error:
+            reason = getattr(error, "reason", None) or error or "no answer"
+            return f"worker: no worker answers /readyz on :{port} ({reason})"
 
-    try:
-        return await asyncio.wait_for(ask(), deadline_s)
-    except (OSError, TimeoutError) as error:
-        return f"worker: no worker answers /readyz on :{port} ({error or 'no answer'})"
+    return await asyncio.to_thread(ask)
 
 
 async def backlog(
