@@ -8,7 +8,8 @@ module points their ``redis_url`` and ``redis`` fixtures at it.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -37,6 +38,13 @@ from tests.test_service import (
 from tests.test_service import (
     test_many_jobs_through_several_workers_each_apply_once as test_several_workers,
 )
+from tests.test_web import Dash, dash_for  # noqa: F401 - the fixture the dashboard tests take
+from tests.test_web import (
+    test_overview_partitions_and_workers_follow_a_live_worker as test_dashboard_overview,
+)
+from tests.test_web import (
+    test_replay_needs_a_login_and_the_csrf_token_then_the_job_runs_once as test_dashboard_replay,
+)
 from worker.client import UpdateClient
 from worker.errors import SettingsError
 from worker.settings import load_settings
@@ -44,6 +52,8 @@ from worker.stream.client import RedisTarget, open_redis, primary_of
 
 __all__ = [
     "test_client",
+    "test_dashboard_overview",
+    "test_dashboard_replay",
     "test_dead_letters",
     "test_order_across_workers",
     "test_redis_cli_producer",
@@ -147,3 +157,16 @@ async def test_check_stats_dead_and_metrics_work_on_a_cluster(
             if line.startswith("update_worker_partitions_by_primary{")]  # fmt: skip
     assert len(held) == 3, held
     assert sum(float(line.rsplit(" ", 1)[1]) for line in held) == 16
+
+
+async def test_the_dashboard_shows_which_primary_holds_each_partition(
+    dash_for: Callable[..., Any],  # noqa: F811 - the fixture imported above
+    start_worker: WorkerFactory,
+    redis: RedisCluster,
+) -> None:
+    await start_worker()
+    dash: Dash = await dash_for()
+    page = await dash.page("/partitions")
+    assert "<th>primary</th>" in page
+    primaries = {node.name for node in redis.get_primaries()}
+    assert {name for name in primaries if name in page} == primaries

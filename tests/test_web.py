@@ -22,7 +22,8 @@ from tests.conftest import REDIS_URL, WorkerFactory, eventually
 from tests.test_cli import run_cli
 from tests.test_recovery import inc_job, orphan, qty, result
 from worker.client import UpdateClient
-from worker.ops.web.app import Web, dashboard, templates
+from worker.ops.web import letters, readings
+from worker.ops.web.app import Web, allowed_hosts, dashboard, templates
 from worker.ops.web.guard import SESSION, Guard
 from worker.ops.web.readings import Sampler
 from worker.stream import deployment
@@ -84,10 +85,10 @@ def number(page: str, element_id: str) -> int:
 
 
 async def test_overview_partitions_and_workers_follow_a_live_worker(
-    dash_for: Callable[..., Any], start_worker: WorkerFactory, prefix: str
+    dash_for: Callable[..., Any], start_worker: WorkerFactory, prefix: str, redis_url: str
 ) -> None:
     dash: Dash = await dash_for()
-    async with UpdateClient(REDIS_URL, prefix=prefix) as client:
+    async with UpdateClient(redis_url, prefix=prefix) as client:
         ids = await client.submit_many([inc_job(f"j{n}", 1 + n % 5) for n in range(40)])
         ids.append(await client.submit({"id": "bad", "table": "items", "key": {"id": 1},
                                         "set": {"nope": 1}}))  # fmt: skip
@@ -317,3 +318,74 @@ def test_the_web_command_refuses_a_short_token_and_a_taken_port() -> None:
         busy = run_cli("web", WORKER_WEB_PORT=str(port), WORKER_REDIS_URL=REDIS_URL)
     assert busy.returncode == 2
     assert f"web: cannot listen on 127.0.0.1:{port}" in busy.stderr
+
+
+async def test_a_long_dead_letter_stream_is_listed_newest_first_and_read_only_so_far(
+    dash_for: Callable[..., Any], redis: Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(letters, "SHOWN", 3)
+    monkeypatch.setattr(letters, "SCANNED", 5)
+    ids = [await add_letter(redis, prefix, reason="unparsable" if n % 2 else "max_deliveries",
+                            job="{") for n in range(9)]  # fmt: skip
+    dash: Dash = await dash_for()
+    await dash.log_in()
+    every = await dash.page("/dead")
+    assert "9 of 9 dead letters match; the newest 3 are shown." in every
+    assert re.findall(r'data-letter="([^"]+)"', every) == ids[::-1][:3]
+    some = await dash.page("/dead?reason=unparsable")
+    assert "2 of the newest 5 of 9 dead letters match" in some  # ids 8, 7, 6, 5, 4: 7 and 5
+    assert "Purge all matching" in some
+    asked = await dash.act(confirmed=False, action="purge", scope="matching", reason="unparsable",
+                           older_than="")  # fmt: skip
+    assert "Delete 4 dead letters?" in asked.text  # an action reads every letter
+
+
+async def test_on_loopback_only_loopback_names_are_answered(
+    dash_for: Callable[..., Any], redis: Redis, prefix: str, engine: AsyncEngine
+) -> None:
+    """A page of another site whose name resolves to 127.0.0.1 (DNS rebinding) is refused."""
+    dash: Dash = await dash_for()
+    web = Web(redis, engine, Names(prefix), "update-workers", dash.sampler, Guard.of(TOKEN),
+              templates())  # fmt: skip
+    app = dashboard(web, hosts=allowed_hosts("127.0.0.1"))
+    for host, status in (("127.0.0.1:8080", 200), ("localhost:8080", 200), ("[::1]:8080", 200),
+                         ("attacker.example:8080", 400)):  # fmt: skip
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url=f"http://{host}") as client:  # fmt: skip
+            assert (await client.get("/")).status_code == status, host
+    assert allowed_hosts("0.0.0.0") == ("*",)  # noqa: S104 - reached by names not known here
+
+
+@pytest.mark.parametrize("target", ["//attacker.example/", "/\t/attacker.example", "https://a.example/",
+                                    "/\\\\attacker.example", "dead"])  # fmt: skip
+async def test_a_login_only_ever_leads_back_into_the_dashboard(
+    dash_for: Callable[..., Any], target: str
+) -> None:
+    dash: Dash = await dash_for()
+    form = {"csrf": await dash.csrf("/login"), "token": TOKEN, "next": target}
+    signed = await dash.http.post("/login", data=form)
+    assert (signed.status_code, signed.headers["location"]) == (303, "/")
+
+
+async def test_a_sampling_failure_is_shown_and_sampling_goes_on(
+    dash_for: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dash: Dash = await dash_for()
+    dash.sampler.interval_s = 0.01
+    calls = 0
+
+    async def broken(*_args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        raise ValueError("a reply nobody expected")
+
+    monkeypatch.setattr(readings, "snapshot", broken)
+    running = asyncio.create_task(dash.sampler.run())
+    try:
+        await eventually(lambda: asyncio.sleep(0, calls > 2))
+        assert not running.done()
+        assert dash.sampler.latest.problems == ("dashboard: ValueError('a reply nobody expected')",)
+        assert (await dash.http.get("/healthz")).status_code == 503
+        assert "a reply nobody expected" in await dash.page("/")
+    finally:
+        running.cancel()

@@ -78,6 +78,17 @@ async def letters(redis: AnyRedis, names: Names) -> AsyncIterator[Letter]:
             return
 
 
+async def newest(redis: AnyRedis, names: Names) -> AsyncIterator[Letter]:
+    """Every dead letter, newest first, read a page at a time (stop reading by stopping)."""
+    end = "+"
+    while page := await redis.xrevrange(names.dead, max=end, count=_PAGE):
+        for entry_id, fields in page:
+            yield _letter(entry_id, fields)
+        end = f"({text(page[-1][0])}"
+        if len(page) < _PAGE:
+            return
+
+
 async def find(redis: AnyRedis, names: Names, letter_id: str) -> Letter | None:
     page = await redis.xrange(names.dead, min=letter_id, max=letter_id, count=1)
     if not page:

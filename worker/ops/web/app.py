@@ -7,12 +7,14 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jinja2
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
@@ -102,7 +104,8 @@ def templates() -> jinja2.Environment:
 
 
 def build_app(web: Web) -> Starlette:
-    pages, letters = Pages(web), Letters(web)
+    pages = Pages(web)
+    letters = Letters(web, pages)
 
     async def healthz(_request: Request) -> Response:
         problems = web.sampler.latest.problems
@@ -141,8 +144,20 @@ class _Headers:
         await self._app(scope, receive, sending)
 
 
-def dashboard(web: Web) -> ASGIApp:
-    return _Headers(build_app(web))
+#: The names a browser uses for a dashboard on a loopback address.
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
+
+
+def dashboard(web: Web, *, hosts: Sequence[str] = ("*",)) -> ASGIApp:
+    """The app with its headers; ``hosts``: the Host headers it answers (others get 400)."""
+    return _Headers(TrustedHostMiddleware(build_app(web), allowed_hosts=hosts))
+
+
+def allowed_hosts(listening_on: str) -> Sequence[str]:
+    """On a loopback address, only the loopback names: a page of another site whose name
+    is made to resolve to 127.0.0.1 (DNS rebinding) cannot read the dashboard. Elsewhere the
+    names it is reached by are not known here (a proxy usually checks them)."""
+    return LOOPBACK if listening_on in ("127.0.0.1", "localhost", "::1") else ("*",)
 
 
 async def serve_web(settings: Settings) -> None:
@@ -161,7 +176,10 @@ async def serve_web(settings: Settings) -> None:
     try:
         try:
             served = await serve_app(
-                dashboard(web), host=settings.web_host, port=settings.web_port, access_log=True
+                dashboard(web, hosts=allowed_hosts(settings.web_host)),
+                host=settings.web_host,
+                port=settings.web_port,
+                access_log=True,
             )
         except OSError as error:
             where = f"{settings.web_host}:{settings.web_port}"

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 SHOWN = 200
 #: Letters named on a confirmation page.
 NAMED = 20
+#: The list reads at most this many letters, newest first, to count those a filter matches:
+#: a page stays quick with a million letters. An action reads them all.
+SCANNED = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +52,10 @@ class Choice:
         )
 
     @property
+    def unfiltered(self) -> bool:
+        return self.ids is None and not self.reason and not self.older_than
+
+    @property
     def error(self) -> str | None:
         """A filter that is no filter: it matches nothing, and the page says why."""
         try:
@@ -69,23 +76,39 @@ class Choice:
 
 
 class Letters:
-    def __init__(self, web: Web) -> None:
-        self._web = web
-        self._pages = Pages(web)
+    def __init__(self, web: Web, pages: Pages) -> None:
+        self._web, self._pages = web, pages
 
     async def listing(self, request: Request) -> Response:
+        """The newest letters that match, and how many match among the newest SCANNED."""
         choice = Choice.of(request.query_params)
-        every = [letter async for letter in deadletters.letters(self._web.redis, self._web.names)]
-        chosen = [letter for letter in every if choice.matches(letter)]
+        redis, names = self._web.redis, self._web.names
+        total = int(await redis.xlen(names.dead))
+        shown: list[Letter] = []
+        matching = scanned = 0
+        reasons: set[str] = set()
+        async for letter in deadletters.newest(redis, names):
+            scanned += 1
+            reasons.add(letter.reason)
+            if choice.matches(letter):
+                matching += 1
+                if len(shown) < SHOWN:
+                    shown.append(letter)
+            if scanned >= SCANNED or (choice.unfiltered and len(shown) == SHOWN):
+                break
+        if choice.unfiltered:
+            matching = total
         return self._web.page(
             request,
             "dead",
             title="Dead letters",
-            letters=chosen[-SHOWN:][::-1],
-            matching=len(chosen),
-            total=len(every),
+            letters=shown,
+            matching=matching,
+            total=total,
+            counted_all=choice.unfiltered or scanned >= total,
+            scanned=scanned,
             choice=choice,
-            reasons=sorted({letter.reason for letter in every}),
+            reasons=sorted(reasons | ({choice.reason} if choice.reason else set())),
             now=time.time(),
             done=_done(request.query_params),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
@@ -17,13 +18,16 @@ from worker.stream.names import text
 if TYPE_CHECKING:
     from worker.ops.web.app import Web
 
-#: A failed login waits this long: guessing the token stays slow.
+#: A failed login waits this long, one at a time: guessing the token stays slow however many
+#: requests a guesser sends at once.
 _LOGIN_PAUSE_S = 1.0
+_PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*")
 
 
 class Pages:
     def __init__(self, web: Web) -> None:
         self._web = web
+        self._guessing = asyncio.Lock()
 
     async def overview(self, request: Request) -> Response:
         return self._web.page(request, "overview", title="Overview")
@@ -74,11 +78,12 @@ class Pages:
                     refused="The form expired: log in again.",
                     target=target,
                 )
-            if guard.token_ok(form.get("token")):
-                response = RedirectResponse(target, status_code=303)
-                guard.sign_in(request, response)
-                return response
-            await asyncio.sleep(_LOGIN_PAUSE_S)
+            async with self._guessing:
+                if guard.token_ok(form.get("token")):
+                    response = RedirectResponse(target, status_code=303)
+                    guard.sign_in(request, response)
+                    return response
+                await asyncio.sleep(_LOGIN_PAUSE_S)
             refused = "That is not the token."
         status = 403 if refused else 200
         return self._web.page(
@@ -107,7 +112,8 @@ class Pages:
 
 
 def _local(target: str) -> str:
-    """Only a path on this dashboard: a login never sends the browser elsewhere."""
-    if not target.startswith("/") or target.startswith("//") or "\\" in target:
+    """Only a path on this dashboard: a login never sends the browser elsewhere (no scheme,
+    no ``//host``, and none of the characters browsers drop or turn into a slash)."""
+    if _PATH.fullmatch(target) is None or target.startswith("//"):
         return "/"
     return target

@@ -115,9 +115,14 @@ class Sampler:
         self._since: float | None = None
 
     async def run(self) -> None:
-        """Sample until cancelled."""
+        """Sample until cancelled. A failure is shown on every page (and fails ``/healthz``)
+        until a sample succeeds; it never stops the sampling."""
         while True:
-            await self.sample()
+            try:
+                await self.sample()
+            except Exception as error:
+                log.exception("dashboard: sampling failed")
+                self.latest = replace(self.latest, problems=(f"dashboard: {error!r}",))
             await asyncio.sleep(self.interval_s)
 
     async def sample(self) -> Readings:
