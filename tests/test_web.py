@@ -389,3 +389,27 @@ async def test_a_sampling_failure_is_shown_and_sampling_goes_on(
         assert "a reply nobody expected" in await dash.page("/")
     finally:
         running.cancel()
+
+
+async def test_until_orders_letters_by_their_whole_id(
+    dash_for: Callable[..., Any], redis: Redis, prefix: str
+) -> None:
+    """Two letters in the same millisecond: "until" the first spares the second."""
+    ms = int(time.time() * 1000)
+    for sequence in (0, 1):
+        await redis.xadd(
+            f"{prefix}:dead", {"reason": "unparsable", "job": "{"}, id=f"{ms}-{sequence}"
+        )
+    dash: Dash = await dash_for()
+    await dash.log_in()
+    done = await dash.act(action="purge", scope="matching", reason="unparsable", until=f"{ms}-0")
+    assert done.headers["location"] == "/dead?done=purged&count=1&kept=0"
+    assert [text(entry_id) for entry_id, _ in await redis.xrange(f"{prefix}:dead") or []] == [
+        f"{ms}-1"
+    ]
+    junk = await dash.act(action="purge", scope="matching", until="yesterday")
+    assert junk.status_code == 403
+    assert "until: &#39;yesterday&#39; is not a stream entry id" in junk.text
+    gone = await dash.act(action="purge", scope="selected", ids=[f"{ms}-0", "1-1"])
+    assert gone.headers["location"] == "/dead?done=purged&count=0&kept=0"  # already gone: none
+    assert await redis.xlen(f"{prefix}:dead") == 1

@@ -4,6 +4,7 @@ confirmation. Actions need a signed-in operator and the form's CSRF token."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,7 +18,6 @@ from worker.ops.web.pages import Pages
 from worker.settings import parse_duration
 from worker.stream import deadletters
 from worker.stream.deadletters import Letter
-from worker.stream.names import entry_ms
 
 if TYPE_CHECKING:
     from worker.ops.web.app import Web
@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 SHOWN = 200
 #: Letters named on a confirmation page.
 NAMED = 20
+_ENTRY_ID = re.compile(r"(\d{1,20})(?:-(\d{1,20}))?")
+#: "All matching" when none matched: still never the letters that arrive after.
+_NOTHING = "0-0"
 #: The list reads at most this many letters, newest first, to count those a filter matches:
 #: a page stays quick with a million letters. An action reads them all.
 SCANNED = 10_000
@@ -62,6 +65,8 @@ class Choice:
             parse_duration(self.older_than or "0")
         except ValueError as error:
             return f"older than: {error}"
+        if self.until is not None and _ENTRY_ID.fullmatch(self.until) is None:
+            return f"until: {self.until!r} is not a stream entry id"
         return None
 
     def matches(self, letter: Letter) -> bool:
@@ -69,7 +74,7 @@ class Choice:
             return False
         if self.ids is not None and letter.id not in self.ids:
             return False
-        if self.until is not None and entry_ms(letter.id) > entry_ms(self.until):
+        if self.until is not None and _order(letter.id) > _order(self.until):
             return False
         older = parse_duration(self.older_than).total_seconds() if self.older_than else None
         return deadletters.matches(letter, reason=self.reason, older_than_s=older or None)
@@ -146,10 +151,9 @@ class Letters:
             return self._pages.refuse(request, "Choose letters, or all that match a filter.")
         if choice.error:
             return self._pages.refuse(request, choice.error)
-        every = [letter async for letter in deadletters.letters(self._web.redis, self._web.names)]
-        chosen = [letter for letter in every if choice.matches(letter)]
+        chosen = await self._chosen(choice)
         if form.get("confirmed") != "yes":
-            newest = chosen[-1].id if chosen else None
+            newest = chosen[-1].id if chosen else _NOTHING
             return self._web.page(
                 request,
                 "confirm",
@@ -167,6 +171,23 @@ class Letters:
         replayable = [letter for letter in chosen if letter.replayable()]
         done = await deadletters.replay(self._web.redis, self._web.names, replayable)
         return _back("replayed", len(done), kept=len(chosen) - len(replayable))
+
+    async def _chosen(self, choice: Choice) -> list[Letter]:
+        """The letters an action is about, oldest first: each one ticked that is still
+        there, or every one that matches (all are read)."""
+        redis, names = self._web.redis, self._web.names
+        if choice.ids is not None:
+            found = [await deadletters.find(redis, names, letter_id)
+                     for letter_id in sorted(choice.ids, key=_order)]  # fmt: skip
+            return [letter for letter in found if letter is not None]
+        return [letter async for letter in deadletters.letters(redis, names)
+                if choice.matches(letter)]  # fmt: skip
+
+
+def _order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id as what orders it: milliseconds, then the sequence."""
+    found = _ENTRY_ID.fullmatch(entry_id)
+    return (int(found[1]), int(found[2] or 0)) if found else (-1, -1)
 
 
 def _choice(form: FormData) -> Choice | None:
