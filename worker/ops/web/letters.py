@@ -122,13 +122,8 @@ class Letters:
         letter_id = request.path_params["letter_id"]
         letter = await deadletters.find(self._web.redis, self._web.names, letter_id)
         if letter is None:
-            return self._web.page(
-                request,
-                "refused",
-                status=404,
-                title="Not found",
-                reason=f"No dead letter {letter_id} (replayed or purged?).",
-            )
+            reason = f"No dead letter {letter_id} (replayed or purged?)."
+            return self._pages.refuse(request, reason, status=404, title="Not found")
         return self._web.page(request, "letter", title=f"Dead letter {letter.id}", letter=letter)
 
     async def act(self, request: Request) -> Response:

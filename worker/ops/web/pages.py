@@ -98,17 +98,14 @@ class Pages:
         self._web.guard.sign_out(request, response)
         return response
 
-    def refuse(self, request: Request, reason: str) -> Response:
-        return self._web.page(request, "refused", status=403, title="Refused", reason=reason)
+    def refuse(
+        self, request: Request, reason: str, *, status: int = 403, title: str = "Refused"
+    ) -> Response:
+        return self._web.page(request, "refused", status=status, title=title, reason=reason)
 
     async def not_found(self, request: Request, _error: Exception) -> Response:
-        return self._web.page(
-            request,
-            "refused",
-            status=404,
-            title="Not found",
-            reason=f"Nothing at {request.url.path}.",
-        )
+        return self.refuse(request, f"Nothing at {request.url.path}.", status=404,
+                           title="Not found")  # fmt: skip
 
 
 def _local(target: str) -> str:
