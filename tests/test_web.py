@@ -413,3 +413,21 @@ async def test_until_orders_letters_by_their_whole_id(
     gone = await dash.act(action="purge", scope="selected", ids=[f"{ms}-0", "1-1"])
     assert gone.headers["location"] == "/dead?done=purged&count=0&kept=0"  # already gone: none
     assert await redis.xlen(f"{prefix}:dead") == 1
+
+
+async def test_no_page_carries_the_token_or_a_password(
+    dash_for: Callable[..., Any], redis: Redis, prefix: str
+) -> None:
+    await add_letter(redis, prefix, reason="unparsable", job="{")
+    dash: Dash = await dash_for()
+    await dash.log_in()
+    letter = text((await redis.xrange(f"{prefix}:dead") or [])[0][0])
+    for path in ("/", "/partitions", "/workers", "/dead", f"/dead/{letter}", "/job?id=x",
+                 "/login", "/?partial=1", "/dead?partial=1"):  # fmt: skip
+        response = await dash.http.get(path)
+        assert response.status_code == 200, path
+        assert TOKEN not in response.text, path
+        assert TOKEN not in str(response.headers), path
+        assert "password" not in response.text.replace('type="password"', "").replace(
+            'autocomplete="current-password"', ""
+        ), path
