@@ -6,9 +6,7 @@ A bad value, or an unknown ``WORKER_*`` name (a typo), stops start-up with one l
 
 from __future__ import annotations
 
-import datetime as dt
 import os
-import re
 import socket
 from collections.abc import Mapping
 from typing import Annotated, Any, Final, Literal
@@ -25,6 +23,7 @@ from pydantic_settings import (
 )
 from pydantic_settings.sources.utils import parse_env_vars
 
+from worker.durations import parse_duration
 from worker.errors import SettingsError
 from worker.stream.client import (
     AnyRedis,
@@ -266,17 +265,6 @@ def load_settings(environ: Mapping[str, str], flags: Mapping[str, Any] | None = 
         if field in _SECRETS:
             raise SettingsError(f"{origin}: {message}") from None
         raise SettingsError(f"{origin}: {message} (got {shown!r})") from None
-
-
-def parse_duration(text: str) -> dt.timedelta:
-    """``90s``, ``30m``, ``12h``, ``7d``, ``2w`` (or ``0``) -> a timedelta."""
-    match = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", text)
-    if match is None or (match[2] == "" and match[1] != "0"):
-        raise ValueError(f"{text!r} is not a duration like 90s, 30m, 12h, 7d or 2w")
-    return dt.timedelta(seconds=int(match[1]) * _UNIT_S[match[2] or "s"])
-
-
-_UNIT_S: Final = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 
 
 def flag_name(field: str) -> str:

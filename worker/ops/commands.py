@@ -24,12 +24,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from worker.client import UpdateClient
 from worker.db import ledger
 from worker.db.engine import create_engine
+from worker.durations import parse_duration
 from worker.errors import SettingsError
 from worker.ops import admin
 from worker.ops.logs import mask_secrets
 from worker.ops.snapshot import Snapshot, snapshot
 from worker.ops.submitfile import Totals, submit_lines
-from worker.settings import Settings, mask_url, parse_duration
+from worker.settings import Settings, mask_url
 from worker.stream import deadletters, deployment
 from worker.stream.client import AnyRedis
 from worker.stream.names import Names

@@ -26,6 +26,7 @@ from worker.db.schema import (
     reflect_schema,
     through_orm,
 )
+from worker.durations import parse_duration
 from worker.errors import SettingsError, classify
 from worker.ops import admin
 from worker.ops.health import Probes, serve_http
@@ -37,7 +38,7 @@ from worker.service.loop import Worker
 from worker.service.ownership import Ownership
 from worker.service.recovery import Recovery
 from worker.service.units import Pace
-from worker.settings import Settings, mask_url, parse_duration
+from worker.settings import Settings, mask_url
 from worker.stream import deployment
 from worker.stream.mover import Mover
 from worker.stream.names import Names

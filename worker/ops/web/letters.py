@@ -14,8 +14,8 @@ from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from worker.durations import parse_duration
 from worker.ops.web.pages import Pages
-from worker.settings import parse_duration
 from worker.stream import deadletters
 from worker.stream.deadletters import Letter
 
