@@ -58,6 +58,8 @@ class Snapshot:
     partitions: list[Partition] = field(default_factory=list)
     #: Consumers whose worker is running: its deployment record is fresh.
     alive: frozenset[str] = frozenset()
+    #: Every worker's deployment record, live or gone.
+    records: list[deployment.Record] = field(default_factory=list)
 
     def rate(self, earlier: Snapshot) -> float:
         """Jobs answered per second since ``earlier``."""
@@ -92,8 +94,8 @@ async def snapshot(redis: AnyRedis, names: Names, group: str) -> Snapshot:
             lag = max(0.0, time.time() - entry_ms(text(first[0][0])) / 1000)
         views.append(Partition(number, None if owner is None else text(owner), length, pending,
                                oldest, primary_of(redis, stream), done, lag))  # fmt: skip
-    alive = frozenset(record.consumer for record in await deployment.records(redis, names)
-                      if record.live)  # fmt: skip
+    records = await deployment.records(redis, names)
+    alive = frozenset(record.consumer for record in records if record.live)
     for name in alive | {view.owner for view in views if view.owner}:
         pending_by.setdefault(name, 0)
     ages = [view.oldest_pending_age_s for view in views if view.oldest_pending_age_s is not None]
@@ -111,6 +113,7 @@ async def snapshot(redis: AnyRedis, names: Names, group: str) -> Snapshot:
         ),
         partitions=views,
         alive=alive,
+        records=records,
     )
 
 

@@ -126,7 +126,7 @@ def build_app(web: Web) -> Starlette:
         Route("/healthz", healthz),
         Mount("/static", StaticFiles(packages=[("worker.ops.web", "static")]), name="static"),
     ]
-    return Starlette(routes=routes, middleware=[], exception_handlers={404: pages.not_found})
+    return Starlette(routes=routes, exception_handlers={404: pages.not_found})
 
 
 class _Headers:

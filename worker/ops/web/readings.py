@@ -126,27 +126,19 @@ class Sampler:
             await asyncio.sleep(self.interval_s)
 
     async def sample(self) -> Readings:
-        problems: list[str] = []
         try:
             taken = await snapshot(self._redis, self._names, self._group)
-            records = await deployment.records(self._redis, self._names)
         except (RedisError, OSError) as error:
-            problems.append(problem_line("redis", error))
-            self.latest = replace(self.latest, problems=tuple(problems))
+            self.latest = replace(self.latest, problems=(problem_line("redis", error),))
             return self.latest
-        grown = self._count_replies(records)
-        self.latest = self._readings(taken, records, grown, problems)
+        grown = self._count_replies(taken.records)
+        self.latest = self._readings(taken, grown)
         self._previous = taken
         return self.latest
 
-    def _readings(
-        self,
-        now: Snapshot,
-        records: list[deployment.Record],
-        grown: Mapping[str, int],
-        problems: list[str],
-    ) -> Readings:
+    def _readings(self, now: Snapshot, grown: Mapping[str, int]) -> Readings:
         wall = time.time()
+        records = now.records
         previous = self._previous
         elapsed = now.taken - previous.taken if previous else 0.0
         before = {view.number: view.answered for view in previous.partitions} if previous else {}
@@ -197,7 +189,7 @@ class Sampler:
                 wall,
                 rates={name: count / elapsed for name, count in grown.items() if elapsed > 0},
             ),
-            problems=tuple(problems),
+            problems=(),
         )
 
     def _stall(self, view: Partition, live: bool, wall: float) -> str | None:
