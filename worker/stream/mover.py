@@ -76,6 +76,10 @@ class Mover:
     _claim_cursor: str | None = field(default="0-0", init=False)
     #: The last ingest id handed out, once a read found nothing new: what to wait past.
     _last_delivered: str = field(default="$", init=False)
+    #: The last read handed out fewer new entries than a batch: the ingest held no more, so
+    #: once they are moved the mover waits past them without asking again (one script call
+    #: fewer per lone job: its latency).
+    _caught_up: bool = field(default=False, init=False)
     #: When the lease was last taken or renewed (event-loop time).
     _renewed_at: float = field(default=0.0, init=False)
 
@@ -159,6 +163,7 @@ class Mover:
             self.token = None
             return None
         kind, body = text(answer[0]), answer[1] if len(answer) > 1 else []
+        self._caught_up = False
         if kind == "claimed":
             cursor = text(body[0])
             self._claim_cursor = None if cursor == "0-0" else cursor
@@ -169,7 +174,10 @@ class Mover:
         if kind == "idle":
             self._last_delivered = text(body)
             return []
-        return [(text(entry_id), fields) for _, found in body or [] for entry_id, fields in found]
+        entries = [(text(entry), fields) for _, found in body or () for entry, fields in found]
+        if entries and len(entries) < self.batch:
+            self._caught_up, self._last_delivered = True, entries[-1][0]
+        return entries
 
     async def move(self, entries: Sequence[tuple[str, Any]]) -> Moved:
         """Move ``entries`` (from :meth:`read`) to their partitions, then ack them."""
@@ -238,8 +246,10 @@ class Mover:
         if not await self.renew_when_due(tick_s):
             return False
         done = await self.step()
-        if done.moved or done.skipped or not done.holding:
-            return done.holding
+        if not done.holding:
+            return False
+        if (done.moved or done.skipped) and not self._caught_up:
+            return True
         # Nothing new: wait past the last id handed out, at most a tick (the lease renewal).
         block_ms = min(idle_block_ms, int(tick_s * 1000))
         await self.redis.xread({self.names.stream: self._last_delivered}, count=1, block=block_ms)
