@@ -76,7 +76,7 @@ class Ours:
             worker.terminate()
         for worker in self.workers:
             worker.wait(60)
-        await self.pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self.pubsub.aclose()
         keys = [key async for key in self.redis.scan_iter(match=f"{self.prefix}:*", count=5000)]
         keys += [f"{{{self.prefix}:jobs}}:mover", f"{{{self.prefix}:jobs}}:mover-generation"]
         for start in range(0, len(keys), 1000):

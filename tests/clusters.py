@@ -160,7 +160,7 @@ class PrivateCluster:
         sync with its primary (a replica still syncing would not confirm a WAIT)."""
         for node in self.live():
             async with node.client() as client:
-                info = await client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+                info = await client.execute_command("CLUSTER", "INFO")
                 if "cluster_state:ok" not in str(info):
                     return False
                 replication = await client.info("replication")
@@ -195,7 +195,7 @@ class PrivateCluster:
         """``CLUSTER FAILOVER`` on the primary's replica: the planned way. The new primary."""
         replica = await self.replica_of(primary)
         async with replica.client() as client:
-            await client.execute_command("CLUSTER", "FAILOVER")  # type: ignore[no-untyped-call]
+            await client.execute_command("CLUSTER", "FAILOVER")
 
         async def promoted() -> bool:
             return (await self.roles()).get(replica.port) == "master" and await self.healthy()
@@ -250,7 +250,7 @@ class PrivateSentinel:
         async def watched() -> bool:
             for sentinel in self.sentinels:
                 async with sentinel.client() as client:
-                    found = await client.execute_command("SENTINEL", "REPLICAS", self.SERVICE)  # type: ignore[no-untyped-call]
+                    found = await client.execute_command("SENTINEL", "REPLICAS", self.SERVICE)
                     if not found:
                         return False
             return True
@@ -265,7 +265,7 @@ class PrivateSentinel:
 
         async def promoted() -> bool:
             async with self.sentinels[0].client() as client:
-                address = await client.execute_command(  # type: ignore[no-untyped-call]
+                address = await client.execute_command(
                     "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.SERVICE
                 )
             return int(address[1]) == self.replica.port

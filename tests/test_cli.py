@@ -85,7 +85,7 @@ async def test_redis_cli_producer_against_a_worker_process_then_sigterm_exits_ze
         capture_output=True,
     )
     published = await wait_for_message(pubsub, timeout=30)
-    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await pubsub.aclose()
     stored = await asyncio.to_thread(
         subprocess.run,
         [redis_cli, "-p", port, "GET", f"{prefix}:result:cli-1"],

@@ -173,9 +173,7 @@ async def test_an_entry_goes_where_the_worker_reads_its_job(redis: Redis, prefix
     last = next(json.dumps({"table": "items", "key": {"id": row}, "inc": {"qty": 1}})
                 for row in range(2, 50)
                 if partition_of(f"items:{row}", PARTITIONS) != partition_of("items:1", PARTITIONS))  # fmt: skip
-    await redis.execute_command(  # type: ignore[no-untyped-call]
-        "XADD", f"{prefix}:jobs", "*", "job", first, "job", last
-    )
+    await redis.execute_command("XADD", f"{prefix}:jobs", "*", "job", first, "job", last)
     only = mover(redis, prefix, "m1")
     await only.ensure_group()
     assert await only.acquire()

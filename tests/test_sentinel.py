@@ -35,7 +35,7 @@ def sentinel(tmp_path: Path) -> Iterator[PrivateSentinel]:
 @pytest.fixture
 async def primary(sentinel: PrivateSentinel) -> AsyncIterator[Redis]:
     """The primary as a producer sees it: through the sentinels."""
-    watch = Sentinel([("127.0.0.1", node.port) for node in sentinel.sentinels],  # type: ignore[no-untyped-call]
+    watch = Sentinel([("127.0.0.1", node.port) for node in sentinel.sentinels],
                      socket_timeout=2)  # fmt: skip
     client: Redis = watch.master_for(sentinel.SERVICE, socket_timeout=2)
     yield client

@@ -60,7 +60,7 @@ async def test_a_plain_redis_producer_gets_its_reply_on_the_channel_and_under_th
     await redis.xadd(f"{prefix}:jobs", {"job": json.dumps(job)})
     published = await wait_for_message(pubsub)
     stored = json.loads(await redis.get(f"{prefix}:result:plain-1") or b"null")
-    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await pubsub.aclose()
     assert published == stored
     assert {key: published[key] for key in ("id", "status", "rowcount", "dry_run", "replayed", "attempts")} == {
         "id": "plain-1", "status": "ok", "rowcount": 3, "dry_run": False, "replayed": False, "attempts": 1,
@@ -151,7 +151,7 @@ async def test_garbage_goes_to_the_dead_letter_stream_and_the_worker_carries_on(
     for _ in range(3):
         reply = await wait_for_message(pubsub)
         replies[reply["id"]] = reply
-    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await pubsub.aclose()
     assert replies[entry_id]["error"]["code"] == "invalid_job"
     assert "not JSON" in replies[entry_id]["error"]["message"]
     assert replies[no_field]["error"]["code"] == "invalid_job"

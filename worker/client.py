@@ -213,7 +213,7 @@ class UpdateClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
         if self._pubsub is not None:
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+            await self._pubsub.aclose()
         if self._owns_redis and self._given is not None:
             await self._given.aclose()
 
@@ -264,7 +264,7 @@ class UpdateClient:
         old, self._pubsub = self._pubsub, await self._subscribe()
         if old is not None:
             with contextlib.suppress(RedisError):
-                await old.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+                await old.aclose()
         redis = await self._redis()
         for job_id in [job_id for job_id, future in self._waiting.items() if not future.done()]:
             if (stored := await redis.get(self.names.result(job_id))) is not None:

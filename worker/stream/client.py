@@ -186,7 +186,7 @@ def _sentinel_primary(target: RedisTarget, *, block_ms: int) -> Redis:
         "socket_connect_timeout": _SOCKET_MARGIN_S,
         **_tls_options(target.url, target.tls, ssl_flag=True),
     }
-    sentinel = Sentinel(addresses, sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(addresses, sentinel_kwargs=sentinel_options)
     client: Redis = sentinel.master_for(target.sentinel_service, redis_class=Redis, **options)
     return client
 

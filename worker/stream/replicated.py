@@ -95,7 +95,7 @@ class ReplicatedWrites:
     async def _confirmed(self, client: Redis, name: str) -> None:
         if not await self._replica_count(client, name):
             return
-        waited = await client.execute_command("WAIT", 1, self._timeout_ms)  # type: ignore[no-untyped-call]
+        waited = await client.execute_command("WAIT", 1, self._timeout_ms)
         if int(waited) >= 1:
             return
         if not await self._replica_count(client, name, fresh=True):
