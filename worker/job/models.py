@@ -204,8 +204,7 @@ def _parse_document(document: dict[str, Any], *, entry_id: str) -> Job | Rejecti
 def payload_hash(document: Mapping[str, Any]) -> str:
     """Hash of what the job asks for; the id and where to reply are not part of it."""
     content = {key: value for key, value in document.items() if key not in ("id", "reply_to")}
-    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(_CANONICAL.encode(content).encode()).hexdigest()
 
 
 def _dead(entry_id: str, channel: str | None, reason: str) -> Rejection:
@@ -231,6 +230,8 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+#: Built once: ``json.dumps`` with options builds an encoder at every call.
+_CANONICAL: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 #: Built once: ``json.loads`` with hooks builds a decoder at every call.
 _DECODER: Final = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_no_constant)
 

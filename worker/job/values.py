@@ -12,6 +12,7 @@ import binascii
 import copy
 import datetime as dt
 import enum
+import functools
 import math
 import uuid
 from collections.abc import Callable
@@ -29,30 +30,51 @@ def coerce(column: sa.Column[Any], value: Any) -> Any:
 
     Raises :class:`InvalidValue` (``data_error``) naming the column when it cannot be done.
     """
-    if value is None:
-        return None
+    return coercer(column)(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def coercer(column: sa.Column[Any]) -> Callable[[Any], Any]:
+    """:func:`coerce` for one column, its type looked at once, not for every value (a
+    column hashes by identity: the reflected schema's columns live as long as the worker)."""
     column_type = column.type
     if isinstance(column_type, TypeDecorator | sa.JSON | sa.ARRAY):
         # A TypeDecorator's process_bind_param owns the conversion; JSON stays as it is.
-        return value
+        return _as_given
     try:
         python_type = column_type.python_type
     except NotImplementedError:
-        return value  # a type SQLAlchemy cannot describe (NullType): bind as given
+        return _as_given  # a type SQLAlchemy cannot describe (NullType): bind as given
     if issubclass(python_type, enum.Enum):
-        return _to_enum(column, python_type, value)
+        return functools.partial(_enum_or_none, column, python_type)
     convert = _CONVERTERS.get(python_type)
     if convert is None:
-        return value
-    try:
-        return _fitted(column_type, convert(value))
-    except (TypeError, ValueError, ArithmeticError, binascii.Error) as error:
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-        detail = f" ({error})" if str(error) else ""
-        raise InvalidValue(
-            f"column `{column.table.name}.{column.name}`: {shown} is not a valid "
-            f"{python_type.__name__}{detail}"
-        ) from None
+        return _as_given
+    fits = isinstance(column_type, sa.Numeric | sa.DateTime | sa.Time)  # _fitted may change it
+
+    def coerce_value(value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            converted = convert(value)
+            return _fitted(column_type, converted) if fits else converted
+        except (TypeError, ValueError, ArithmeticError, binascii.Error) as error:
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            detail = f" ({error})" if str(error) else ""
+            raise InvalidValue(
+                f"column `{column.table.name}.{column.name}`: {shown} is not a valid "
+                f"{python_type.__name__}{detail}"
+            ) from None
+
+    return coerce_value
+
+
+def _as_given(value: Any) -> Any:
+    return value
+
+
+def _enum_or_none(column: sa.Column[Any], enum_type: type[enum.Enum], value: Any) -> Any:
+    return None if value is None else _to_enum(column, enum_type, value)
 
 
 def bind_type(column: sa.Column[Any]) -> sa.types.TypeEngine[Any]:
