@@ -78,16 +78,14 @@ class Answers:
 
     async def _group(self, unit: list[Work], slots: asyncio.Semaphore, fences: Fences) -> None:
         async with slots:
-            for work in unit:
-                self.metrics.queued(entry_ms(work.entry.id))
+            self.metrics.queued(*(entry_ms(work.entry.id) for work in unit))
             replies = await self.executor.execute_group([_ready(work) for work in unit],
                                                         fences=fences)  # fmt: skip
         answers = [(work, reply) for work, reply in zip(unit, replies, strict=True) if reply]
         await self.transport.reply_many(
             [(work.entry, reply, work.job.reply_to) for work, reply in answers]
         )
-        for work, reply in answers:
-            self._answered(work.entry, work.job, reply)
+        self._answered_many([(work.entry, work.job, reply) for work, reply in answers])
         # In stream order: a job without a final reply goes round again, and one that was not
         # run (its order key's earlier job had not finished) runs after it.
         for work, maybe in zip(unit, replies, strict=True):
@@ -151,18 +149,25 @@ class Answers:
         self._tally.clear()
 
     def _answered(self, entry: Entry, job: Job | Rejection, reply: Reply) -> None:
-        """Count the reply, and log it as one DEBUG line with the job's fields."""
-        tables = [spec.table for spec in job.updates] if isinstance(job, Job) else []
-        self.metrics.answered(reply, tables)
-        status = reply.status if reply.error is None else reply.error.code
-        self._tally[status] += 1
-        if log.isEnabledFor(logging.DEBUG):
-            fields = {"job_id": reply.id, "entry_id": entry.id, "table": ",".join(tables) or None,
-                      "status": status, "rowcount": reply.rowcount,
-                      "duration_ms": reply.duration_ms, "attempt": reply.attempts,
-                      "replayed": reply.replayed or None, "partition": entry.partition,
-                      "dry_run": reply.dry_run or None}  # fmt: skip
-            log.debug("job %s: %s", reply.id, status, extra={FIELDS: fields})
+        self._answered_many([(entry, job, reply)])
+
+    def _answered_many(self, answers: list[tuple[Entry, Job | Rejection, Reply]]) -> None:
+        """Count the replies, and log each as one DEBUG line with its job's fields."""
+        tabled = [(entry, reply, [spec.table for spec in job.updates] if isinstance(job, Job)
+                   else []) for entry, job, reply in answers]  # fmt: skip
+        self.metrics.answered_many((reply, tables) for _, reply, tables in tabled)
+        tally, debug = self._tally, log.isEnabledFor(logging.DEBUG)
+        for entry, reply, tables in tabled:
+            status = reply.status if reply.error is None else reply.error.code
+            tally[status] += 1
+            if debug:
+                fields = {"job_id": reply.id, "entry_id": entry.id,
+                          "table": ",".join(tables) or None, "status": status,
+                          "rowcount": reply.rowcount, "duration_ms": reply.duration_ms,
+                          "attempt": reply.attempts, "replayed": reply.replayed or None,
+                          "partition": entry.partition,
+                          "dry_run": reply.dry_run or None}  # fmt: skip
+                log.debug("job %s: %s", reply.id, status, extra={FIELDS: fields})
 
 
 def _ready(work: Work) -> tuple[Job, Plan]:
