@@ -64,7 +64,7 @@ async def assert_series_applied(
     of applying them one by one, the rows' final values, and each job once in the ledger
     (no other jobs ran). The number of jobs."""
     ids = [f"r{row}-s{number}" for number in range(steps) for row in range(rows)]
-    replies = await replies_for(redis, prefix, ids)
+    replies = await replies_for(redis, prefix, ids, logs=lambda: logs)
     wrong = [(job_id, reply.returning) for job_id, reply in replies.items()
              if reply.status != "ok" or reply.returning
              != [{"x": sequential(int(job_id.split("-s")[1]))}]]  # fmt: skip
@@ -106,7 +106,11 @@ async def workers(
         processes.kill_all()
 
 
-async def replies_for(redis: Redis, prefix: str, ids: list[str]) -> dict[str, Reply]:
+async def replies_for(
+    redis: Redis, prefix: str, ids: list[str], *, logs: Callable[[], str] = lambda: ""
+) -> dict[str, Reply]:
+    """The final reply of every job of ``ids``, waiting up to 60 s; fails naming the jobs
+    still without one, with ``logs()`` (the workers' last lines)."""
     found: dict[str, Reply] = {}
     for _ in range(1200):  # up to 60 s
         missing = [job_id for job_id in ids if job_id not in found]
@@ -120,7 +124,9 @@ async def replies_for(redis: Redis, prefix: str, ids: list[str]) -> dict[str, Re
             if value is not None and (reply := Reply.model_validate_json(value)).final:
                 found[job_id] = reply
         await asyncio.sleep(0.05)
-    raise AssertionError(f"{len(ids) - len(found)} job(s) without a final reply")
+    missing = [job_id for job_id in ids if job_id not in found]
+    raise AssertionError(f"{len(missing)} job(s) without a final reply, {missing[:5]} first\n"
+                         f"{logs()}")  # fmt: skip
 
 
 async def test_jobs_on_a_row_apply_in_order_across_three_worker_processes(
@@ -147,7 +153,7 @@ async def test_jobs_on_a_row_apply_in_order_across_three_worker_processes(
                 job["reply_to"] = f"{prefix}:replies"
             await client.submit_many(direct)
             ids += [f"r{row}-s{number}" for row in range(ROWS)] + [f"w-s{number}"]
-    replies = await replies_for(redis, prefix, ids)
+    replies = await replies_for(redis, prefix, ids, logs=workers.tail)
     wrong = {job_id: reply for job_id, reply in replies.items()
              if reply.status != "ok" or reply.returning is None}  # fmt: skip
     assert not wrong, list(wrong.items())[:3]
@@ -233,7 +239,7 @@ async def test_a_mover_paused_mid_move_never_moves_anything_twice_or_out_of_orde
     finally:
         first.send_signal(signal.SIGCONT)  # never leave a stopped process behind
     ids = [f"r{row}-s{number}" for number in range(STEPS) for row in range(ROWS)]
-    replies = await replies_for(redis, prefix, ids)
+    replies = await replies_for(redis, prefix, ids, logs=workers.tail)
     out_of_order = [(job_id, reply.returning) for job_id, reply in replies.items()
                     if reply.returning != [{"x": sequential(int(job_id.split("-s")[1]))}]]  # fmt: skip
     assert out_of_order == [], out_of_order[:10]
