@@ -160,7 +160,9 @@ async def run_drains(args: argparse.Namespace) -> None:
     for row in found:
         cpu = "".join(f"{row[key]:>{width}.0f}" if key in row else f"{'-':>{width}}"
                       for key, width in (("worker_us", 9), ("redis_us", 8), ("postgres_us", 10)))  # fmt: skip
-        missing = f"  ({row['missing']:,} never applied)" if row.get("missing") else ""
+        count = row.get("missing") or 0  # negative: more applied than were sent
+        missing = (f"  ({count:,} never applied)" if count > 0
+                   else f"  ({-count:,} more applied than sent)" if count < 0 else "")  # fmt: skip
         print(f"{row['system']:<34}{row['throughput']:>8,.0f}{row['throughput'] / limit:>10.0%}"
               f"{cpu}{missing}")  # fmt: skip
     by_system = {row["system"]: row["throughput"] for row in found}
