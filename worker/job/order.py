@@ -38,6 +38,9 @@ def derive_order_key(document: Mapping[str, Any]) -> str | None:
     if not isinstance(table, str):
         return None
     if isinstance(key, dict) and key:
+        if len(key) == 1:  # the usual key, one column: nothing to sort
+            (value,) = key.values()
+            return f"{table}:{_part(value)}"
         return ":".join([table, *(_part(key[name]) for name in sorted(key))])
     return table
 

@@ -11,16 +11,14 @@ Bounded: a producer that sends ever new shapes empties the cache now and then.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
-
-import sqlalchemy as sa
 
 from worker.errors import InvalidJob
 from worker.job.models import UpdateSpec
 from worker.job.plans import Statement
-from worker.job.values import coerce
+from worker.job.values import coercer
 
 if TYPE_CHECKING:
     from worker.db.schema import TableRules
@@ -28,8 +26,9 @@ if TYPE_CHECKING:
 
 _MOST: Final = 4096
 
-#: (parameter, column) by job field name.
-_Bound = Mapping[str, tuple[str, sa.Column[Any]]]
+#: (parameter, the column's coercer) by job field name: the column's type is looked at once
+#: per shape, not once per value.
+_Bound = Mapping[str, tuple[str, Callable[[Any], Any]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,15 +43,15 @@ class _Shape:
     model: Statement
 
     def bind(self, spec: UpdateSpec) -> Statement:
-        params = {param: coerce(column, spec.values[name])
-                  for name, (param, column) in self.sets.items()}  # fmt: skip
-        params |= {param: coerce(column, spec.inc[name])
-                   for name, (param, column) in self.incs.items()}  # fmt: skip
+        params = {param: convert(spec.values[name])
+                  for name, (param, convert) in self.sets.items()}  # fmt: skip
+        params |= {param: convert(spec.inc[name])
+                   for name, (param, convert) in self.incs.items()}  # fmt: skip
         for name, value in (spec.key or {}).items():  # in the job's order, as a fresh compile
             if value is None:
                 raise InvalidJob(f"`key` value for `{name}` cannot be null")
-            param, column = self.keys[name]
-            params[param] = coerce(column, value)
+            param, convert = self.keys[name]
+            params[param] = convert(value)
         model = self.model
         return Statement(model.table, model.update, model.returns_rows, model.guards,
                          row=(spec.table, *(params[param] for param in self.key_params)),
@@ -78,8 +77,9 @@ def remember(
         return statement
     _, sets, incs, keys, _ = statement.shape
 
-    def bound(prefix: str, names: tuple[str, ...]) -> dict[str, tuple[str, sa.Column[Any]]]:
-        return {name: (f"{prefix}{index}", rules.columns[name]) for index, name in enumerate(names)}
+    def bound(prefix: str, names: tuple[str, ...]) -> dict[str, tuple[str, Callable[[Any], Any]]]:
+        return {name: (f"{prefix}{index}", coercer(rules.columns[name]))
+                for index, name in enumerate(names)}  # fmt: skip
 
     if len(_known) >= _MOST:
         _known.clear()
