@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
+from worker.stream import owners, scripts
 from worker.stream.names import Names
 from worker.stream.owners import Leases, assignment, plan
 
@@ -60,3 +63,29 @@ async def test_leases_are_exclusive_renewed_released_and_lost_on_expiry(
     assert await first.acquire(1)
     assert await second.renew() == [1]  # b finds out it lost partition 1
     assert second.held == set()
+
+
+async def test_a_renewal_that_meets_a_lease_taken_again_meanwhile_keeps_the_new_lease(
+    redis: Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The renewals run beside the takeovers: a renewal that finds a lapsed lease must not
+    count as lost the lease a takeover acquired while the renewal's answer was on its way
+    (it would never be renewed again, and would lapse under the new owner's feet)."""
+    names = Names(prefix)
+    leases = Leases(redis, names, me="a", partitions=1, lease_ms=10_000)
+    assert await leases.acquire(0)
+    await redis.delete(names.owner(0))  # the lease lapsed; nobody noticed yet
+    renew_each = scripts.run_each
+
+    async def renewal_then_takeover(*args: Any) -> list[Any]:
+        answers = await renew_each(*args)
+        assert answers == [0]  # the lapsed lease was not renewed
+        assert await leases.acquire(0)  # a takeover, meanwhile
+        return answers
+
+    monkeypatch.setattr(owners, "run_each", renewal_then_takeover)
+    assert await leases.renew() == []
+    assert leases.held == {0}
+    monkeypatch.undo()
+    assert await leases.renew() == []  # and it is renewed from then on
+    assert (await leases.survey())[0] == "a"

@@ -80,6 +80,11 @@ class Leases:
     lease_ms: int
     held: set[int] = field(default_factory=set)
     _free_since: dict[int, float] = field(default_factory=dict)
+    #: Each held partition's acquisition, numbered: a renewal that started before the
+    #: partition was acquired again (a takeover runs beside the renewals) must not count the
+    #: new lease as lost because the old one had lapsed.
+    _acquisitions: dict[int, int] = field(default_factory=dict)
+    _acquired: int = 0
 
     def __post_init__(self) -> None:
         self._renew = self.redis.register_script(_RENEW)
@@ -110,10 +115,13 @@ class Leases:
         held = sorted(self.held)
         if not held:
             return []
+        began = {number: self._acquisitions.get(number) for number in held}
         calls: list[Call] = [([self.names.owner(number)], [self.me, self.lease_ms])
                              for number in held]  # fmt: skip
         results = await run_each(self.redis, self._renew, calls)
-        lost = [number for number, renewed in zip(held, results, strict=True) if not renewed]
+        lost = [number for number, renewed in zip(held, results, strict=True)
+                if not renewed and number in self.held
+                and self._acquisitions.get(number) == began[number]]  # fmt: skip
         self.held.difference_update(lost)
         return lost
 
@@ -121,9 +129,12 @@ class Leases:
         taken = await self.redis.set(self.names.owner(number), self.me, nx=True, px=self.lease_ms)
         if taken:
             self.held.add(number)
+            self._acquired += 1
+            self._acquisitions[number] = self._acquired
             self._free_since.pop(number, None)
         return bool(taken)
 
     async def release(self, number: int) -> None:
         self.held.discard(number)
+        self._acquisitions.pop(number, None)
         await self._release(keys=[self.names.owner(number)], args=[self.me])
