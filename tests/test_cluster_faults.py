@@ -123,7 +123,7 @@ async def test_jobs_survive_failovers_and_a_killed_worker_in_order_and_once(
                 workers.kill(first)
                 workers.spawn()
         answered = await assert_series_applied(
-            redis, prefix, engine, rows=ROWS, steps=STEPS, logs=workers.tail()
+            redis, prefix, engine, rows=ROWS, steps=STEPS, logs=workers.tail
         )
         print(f"cluster fault run: {answered} jobs, failovers {[round(s, 1) for s in failovers]} s,"
               f" {producer.resent} batch(es) sent again, 1 worker killed")  # fmt: skip

@@ -58,17 +58,18 @@ async def seed_series(engine: AsyncEngine, rows: int) -> None:
 
 
 async def assert_series_applied(
-    redis: Any, prefix: str, engine: AsyncEngine, *, rows: int, steps: int, logs: str
-) -> int:
+    redis: Any, prefix: str, engine: AsyncEngine, *, rows: int, steps: int,
+    logs: Callable[[], str],
+) -> int:  # fmt: skip
     """Every job of ``rows`` times ``steps`` (from :func:`step`) answered ``ok`` with the value
     of applying them one by one, the rows' final values, and each job once in the ledger
     (no other jobs ran). The number of jobs."""
     ids = [f"r{row}-s{number}" for number in range(steps) for row in range(rows)]
-    replies = await replies_for(redis, prefix, ids, logs=lambda: logs)
+    replies = await replies_for(redis, prefix, ids, logs=logs)
     wrong = [(job_id, reply.returning) for job_id, reply in replies.items()
              if reply.status != "ok" or reply.returning
              != [{"x": sequential(int(job_id.split("-s")[1]))}]]  # fmt: skip
-    assert wrong == [], (wrong[:10], logs)
+    assert wrong == [], (wrong[:10], logs())
     async with engine.connect() as connection:
         final = dict((await connection.execute(sa.select(series.c.id, series.c.x))).all())
         recorded = (await connection.execute(

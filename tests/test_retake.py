@@ -23,19 +23,28 @@ from worker.stream.transport import Transport
 ME = "worker-a"
 
 
-async def test_an_entry_read_during_its_own_workers_retake_is_served_after_the_claim(
-    redis: Redis, prefix: str, engine: AsyncEngine
-) -> None:
+def own_partition(redis: Redis, prefix: str, engine: AsyncEngine) -> tuple[Ownership, Names]:
     names = Names(prefix)
     transport = Transport(redis, names, group="g", consumer=ME, result_ttl=60)
-    await transport.ensure_groups(1)
-    async with engine.begin() as connection:
-        await fencing.ensure_partitions(connection, 1)
     reader = Reader(redis, names, group="g", consumer=ME)
     leases = Leases(redis, names, me=ME, partitions=1, lease_ms=10_000)
     ownership = Ownership(leases=leases, reader=reader, transport=transport, engine=engine,
                           metrics=Metrics())  # fmt: skip
-    stream = names.partition(0)
+    return ownership, names
+
+
+async def one_partition(ownership: Ownership, engine: AsyncEngine) -> None:
+    await ownership.transport.ensure_groups(1)
+    async with engine.begin() as connection:
+        await fencing.ensure_partitions(connection, 1)
+
+
+async def test_an_entry_read_during_its_own_workers_retake_is_served_after_the_claim(
+    redis: Redis, prefix: str, engine: AsyncEngine
+) -> None:
+    ownership, names = own_partition(redis, prefix, engine)
+    await one_partition(ownership, engine)
+    reader, stream = ownership.reader, names.partition(0)
 
     async def add(job_id: str) -> str:
         return text(await redis.xadd(stream, {"job": json.dumps({"id": job_id})}))
@@ -66,3 +75,38 @@ async def test_an_entry_read_during_its_own_workers_retake_is_served_after_the_c
         (before, True),  # pending from the first ownership: claimed
         (during[0], False),  # read during the takeover: served right after, in stream order
     ]
+
+
+async def test_a_worker_fenced_out_under_its_current_generation_gives_the_partition_up(
+    redis: Redis, prefix: str, engine: AsyncEngine
+) -> None:
+    """Its fence was raised while Redis still names it the owner: it stops serving the
+    partition and frees the lease, so that the next takeover claims what it left pending."""
+    ownership, names = own_partition(redis, prefix, engine)
+    await one_partition(ownership, engine)
+    assert await ownership.take(0)
+    stale = ownership.generations[0]
+    left = text(await redis.xadd(names.partition(0), {"job": json.dumps({"id": "left"})}))
+    read = await ownership.reader.read([0], count=10)
+    assert [entry.id for entry in ownership.serving(read.entries)] == [left]
+    await fencing.take(engine, 0, wait_s=1.0)  # raised behind this worker's back
+
+    await ownership.fenced({0: stale})
+    assert ownership.owned() == []
+    assert ownership.leases.held == set()
+    assert (await ownership.leases.survey())[0] is None
+    await ownership.tick()  # its own partition again: a takeover
+    assert ownership.generations[0] > stale + 1
+    assert [(entry.id, entry.claimed) for entry in ownership.backlog] == [(left, True)]
+
+
+async def test_a_fence_on_a_generation_already_replaced_changes_nothing(
+    redis: Redis, prefix: str, engine: AsyncEngine
+) -> None:
+    ownership, _ = own_partition(redis, prefix, engine)
+    await one_partition(ownership, engine)
+    assert await ownership.take(0)
+    current = ownership.generations[0]
+    await ownership.fenced({0: current - 1})  # a unit of an earlier ownership of its own
+    assert ownership.generations == {0: current}
+    assert ownership.leases.held == {0}

@@ -120,7 +120,7 @@ async def test_workers_follow_the_promoted_replica_and_answer_every_waited_job_o
             if number == STEPS // 2:
                 await sentinel.kill_primary()
         answered = await assert_series_applied(
-            primary, prefix, engine, rows=ROWS, steps=STEPS, logs=workers.tail()
+            primary, prefix, engine, rows=ROWS, steps=STEPS, logs=workers.tail
         )
         print(f"sentinel run: {answered} jobs, {resent} batch(es) sent again")
         running = len(workers.alive())

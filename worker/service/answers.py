@@ -53,8 +53,11 @@ class Answers:
     #: Replies since the last summary line, by status (``ok`` or the error code).
     _tally: Counter[str] = field(default_factory=Counter, init=False)
 
-    async def handle(self, unit: list[Work], slots: asyncio.Semaphore, *, fences: Fences) -> None:
-        """Answer every entry of ``unit`` finally; returns only then (or when fenced)."""
+    async def handle(
+        self, unit: list[Work], slots: asyncio.Semaphore, *, fences: Fences
+    ) -> list[int]:
+        """Answer every entry of ``unit`` finally; returns only then, or when fenced: then
+        the partitions it was fenced out of (nothing was answered)."""
         if claimed := [work.entry for work in unit if work.entry.claimed]:
             await self.reader.count_start(claimed)
         faults = 0
@@ -66,7 +69,7 @@ class Answers:
                     await self._group(unit, slots, fences)
             except Fenced as error:
                 log.info("%s; %d entr(y/ies) left to the new owner", error.message, len(unit))
-                return
+                return error.partitions
             except Exception:
                 faults += 1
                 pause = min(_FAULT_PAUSE_MAX_S, 0.1 * 2**faults)
@@ -74,7 +77,7 @@ class Answers:
                               "lane waits)", len(unit), unit[0].entry.id, pause)  # fmt: skip
                 await asyncio.sleep(pause)
             else:
-                return
+                return []
 
     async def _group(self, unit: list[Work], slots: asyncio.Semaphore, fences: Fences) -> None:
         async with slots:

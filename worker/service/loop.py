@@ -175,7 +175,8 @@ class Worker:
                     self.answers.metrics.lane_waits.inc()
                     # wait, not gather: a cancelled waiter must not cancel the units it waits on
                     await asyncio.wait(before)
-                await self.answers.handle(unit, slots, fences=fences)
+                if stale := await self.answers.handle(unit, slots, fences=fences):
+                    await self.ownership.fenced({number: fences[number] for number in stale})
                 self.pace.finished(len(unit))
             finally:
                 lanes.leave(keys, done)

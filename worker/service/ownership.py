@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -170,6 +170,25 @@ class Ownership:
         if self.generations.pop(number, None) is not None:
             log.warning("partition %d: lease lost; no longer served here", number)
         self._forget_backlog(number)
+
+    async def fenced(self, stale: Mapping[int, int]) -> None:
+        """A unit ran under these generations (partition -> generation) and found newer ones.
+        Where this worker still serves a partition under that generation, it missed the
+        change of owner: it serves the partition no more, and gives up its lease if Redis
+        still names it, so that a takeover (perhaps its own) claims the entries left pending
+        here instead of their waiting under a stale generation for good."""
+        for number, generation in sorted(stale.items()):
+            if self.generations.get(number) != generation:
+                continue  # handed over, lost or taken again meanwhile
+            log.warning("partition %d: fenced out of generation %d; no longer served here",
+                        number, generation)  # fmt: skip
+            self.generations.pop(number)
+            self._forget_backlog(number)
+            try:
+                await self.leases.release(number)  # only if the lease still names this worker
+            except Exception as error:  # noqa: BLE001 - no longer renewed, it lapses anyway
+                log.warning("partition %d: releasing its lease: %s", number,
+                            classify(error).message)  # fmt: skip
 
     async def hand_over(self, number: int) -> None:
         """Stop reading ``number``; once its running units are done, drop its lease (kept
