@@ -110,3 +110,26 @@ async def test_a_fence_on_a_generation_already_replaced_changes_nothing(
     await ownership.fenced({0: current - 1})  # a unit of an earlier ownership of its own
     assert ownership.generations == {0: current}
     assert ownership.leases.held == {0}
+
+
+async def test_a_fence_met_during_its_own_workers_retake_leaves_the_new_lease(
+    redis: Redis, prefix: str, engine: AsyncEngine
+) -> None:
+    """The takeover raised the fence a unit of the lapsed ownership then met: the unit's
+    entries are in the takeover's claim, and the lease it just acquired stays."""
+    ownership, names = own_partition(redis, prefix, engine)
+    await one_partition(ownership, engine)
+    assert await ownership.take(0)
+    stale = ownership.generations[0]
+    await redis.delete(names.owner(0))  # the lease lapsed; the worker did not notice
+    claim_all = ownership.reader.claim_all
+
+    async def claim_then_fenced(number: int) -> Claim:
+        await ownership.fenced({0: stale})  # a unit of the old generation, fenced right now
+        return await claim_all(number)
+
+    ownership.reader.claim_all = claim_then_fenced  # type: ignore[method-assign]
+    assert await ownership.take(0)
+    assert ownership.generations[0] == stale + 1
+    assert ownership.leases.held == {0}
+    assert (await ownership.leases.survey())[0] == ME

@@ -178,8 +178,8 @@ class Ownership:
         still names it, so that a takeover (perhaps its own) claims the entries left pending
         here instead of their waiting under a stale generation for good."""
         for number, generation in sorted(stale.items()):
-            if self.generations.get(number) != generation:
-                continue  # handed over, lost or taken again meanwhile
+            if self.generations.get(number) != generation or number in self._taking:
+                continue  # handed over, lost, or taken again (or being taken) by this worker
             log.warning("partition %d: fenced out of generation %d; no longer served here",
                         number, generation)  # fmt: skip
             self.generations.pop(number)
