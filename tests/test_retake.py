@@ -23,27 +23,24 @@ from worker.stream.transport import Transport
 ME = "worker-a"
 
 
-def own_partition(redis: Redis, prefix: str, engine: AsyncEngine) -> tuple[Ownership, Names]:
+async def own_partition(redis: Redis, prefix: str, engine: AsyncEngine) -> tuple[Ownership, Names]:
+    """An ownership of one partition (its stream, group and fence row made), not yet taken."""
     names = Names(prefix)
     transport = Transport(redis, names, group="g", consumer=ME, result_ttl=60)
     reader = Reader(redis, names, group="g", consumer=ME)
     leases = Leases(redis, names, me=ME, partitions=1, lease_ms=10_000)
     ownership = Ownership(leases=leases, reader=reader, transport=transport, engine=engine,
                           metrics=Metrics())  # fmt: skip
-    return ownership, names
-
-
-async def one_partition(ownership: Ownership, engine: AsyncEngine) -> None:
-    await ownership.transport.ensure_groups(1)
+    await transport.ensure_groups(1)
     async with engine.begin() as connection:
         await fencing.ensure_partitions(connection, 1)
+    return ownership, names
 
 
 async def test_an_entry_read_during_its_own_workers_retake_is_served_after_the_claim(
     redis: Redis, prefix: str, engine: AsyncEngine
 ) -> None:
-    ownership, names = own_partition(redis, prefix, engine)
-    await one_partition(ownership, engine)
+    ownership, names = await own_partition(redis, prefix, engine)
     reader, stream = ownership.reader, names.partition(0)
 
     async def add(job_id: str) -> str:
@@ -82,8 +79,7 @@ async def test_a_worker_fenced_out_under_its_current_generation_gives_the_partit
 ) -> None:
     """Its fence was raised while Redis still names it the owner: it stops serving the
     partition and frees the lease, so that the next takeover claims what it left pending."""
-    ownership, names = own_partition(redis, prefix, engine)
-    await one_partition(ownership, engine)
+    ownership, names = await own_partition(redis, prefix, engine)
     assert await ownership.take(0)
     stale = ownership.generations[0]
     left = text(await redis.xadd(names.partition(0), {"job": json.dumps({"id": "left"})}))
@@ -103,8 +99,7 @@ async def test_a_worker_fenced_out_under_its_current_generation_gives_the_partit
 async def test_a_fence_on_a_generation_already_replaced_changes_nothing(
     redis: Redis, prefix: str, engine: AsyncEngine
 ) -> None:
-    ownership, _ = own_partition(redis, prefix, engine)
-    await one_partition(ownership, engine)
+    ownership, _ = await own_partition(redis, prefix, engine)
     assert await ownership.take(0)
     current = ownership.generations[0]
     await ownership.fenced({0: current - 1})  # a unit of an earlier ownership of its own
@@ -117,8 +112,7 @@ async def test_a_fence_met_during_its_own_workers_retake_leaves_the_new_lease(
 ) -> None:
     """The takeover raised the fence a unit of the lapsed ownership then met: the unit's
     entries are in the takeover's claim, and the lease it just acquired stays."""
-    ownership, names = own_partition(redis, prefix, engine)
-    await one_partition(ownership, engine)
+    ownership, names = await own_partition(redis, prefix, engine)
     assert await ownership.take(0)
     stale = ownership.generations[0]
     await redis.delete(names.owner(0))  # the lease lapsed; the worker did not notice

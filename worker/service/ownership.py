@@ -164,11 +164,11 @@ class Ownership:
                  number, generation, len(claim.entries))  # fmt: skip
         return True
 
-    def lost(self, number: int) -> None:
+    def lost(self, number: int, why: str = "lease lost") -> None:
         """The lease is gone (expired, or another worker has it): serve the partition no more.
         Units still running there are fenced by the database if a new owner took over."""
         if self.generations.pop(number, None) is not None:
-            log.warning("partition %d: lease lost; no longer served here", number)
+            log.warning("partition %d: %s; no longer served here", number, why)
         self._forget_backlog(number)
 
     async def fenced(self, stale: Mapping[int, int]) -> None:
@@ -180,10 +180,7 @@ class Ownership:
         for number, generation in sorted(stale.items()):
             if self.generations.get(number) != generation or number in self._taking:
                 continue  # handed over, lost, or taken again (or being taken) by this worker
-            log.warning("partition %d: fenced out of generation %d; no longer served here",
-                        number, generation)  # fmt: skip
-            self.generations.pop(number)
-            self._forget_backlog(number)
+            self.lost(number, f"fenced out of generation {generation}")
             try:
                 await self.leases.release(number)  # only if the lease still names this worker
             except Exception as error:  # noqa: BLE001 - no longer renewed, it lapses anyway

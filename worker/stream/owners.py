@@ -78,9 +78,8 @@ class Leases:
     me: str
     partitions: int
     lease_ms: int
-    held: set[int] = field(default_factory=set)
     _free_since: dict[int, float] = field(default_factory=dict)
-    #: Each held partition's acquisition, numbered: a renewal that started before the
+    #: Held partition -> its acquisition, numbered: a renewal that started before the
     #: partition was acquired again (a takeover runs beside the renewals) must not count the
     #: new lease as lost because the old one had lapsed.
     _acquisitions: dict[int, int] = field(default_factory=dict)
@@ -106,35 +105,37 @@ class Leases:
                 self._free_since.pop(number, None)
         return owners
 
+    @property
+    def held(self) -> set[int]:
+        return set(self._acquisitions)
+
     def free_for_s(self) -> dict[int, float]:
         now = time.monotonic()
         return {number: now - since for number, since in self._free_since.items()}
 
     async def renew(self) -> list[int]:
         """Extend every held lease; the partitions whose lease was lost (expired, taken)."""
-        held = sorted(self.held)
-        if not held:
+        began = dict(sorted(self._acquisitions.items()))
+        if not began:
             return []
-        began = {number: self._acquisitions.get(number) for number in held}
         calls: list[Call] = [([self.names.owner(number)], [self.me, self.lease_ms])
-                             for number in held]  # fmt: skip
+                             for number in began]  # fmt: skip
         results = await run_each(self.redis, self._renew, calls)
-        lost = [number for number, renewed in zip(held, results, strict=True)
-                if not renewed and number in self.held
-                and self._acquisitions.get(number) == began[number]]  # fmt: skip
-        self.held.difference_update(lost)
+        lost = [number for (number, acquisition), renewed in
+                zip(began.items(), results, strict=True)
+                if not renewed and self._acquisitions.get(number) == acquisition]  # fmt: skip
+        for number in lost:
+            del self._acquisitions[number]
         return lost
 
     async def acquire(self, number: int) -> bool:
         taken = await self.redis.set(self.names.owner(number), self.me, nx=True, px=self.lease_ms)
         if taken:
-            self.held.add(number)
             self._acquired += 1
             self._acquisitions[number] = self._acquired
             self._free_since.pop(number, None)
         return bool(taken)
 
     async def release(self, number: int) -> None:
-        self.held.discard(number)
         self._acquisitions.pop(number, None)
         await self._release(keys=[self.names.owner(number)], args=[self.me])
