@@ -180,3 +180,83 @@ async def test_an_entry_goes_where_the_worker_reads_its_job(redis: Redis, prefix
     await drain(only)
     placed = {number for number, ids in (await partition_contents(redis, prefix)).items() if ids}
     assert placed == {partition_of(f"items:{json.loads(last)['key']['id']}", PARTITIONS)}
+
+
+async def caught_up(redis: Redis, prefix: str, name: str = "m1") -> Mover:
+    """A mover holding the lease that has moved everything: its next turn waits."""
+    one = mover(redis, prefix, name)
+    await one.ensure_group()
+    assert await one.acquire()
+    await drain(one)
+    assert (await one.step()).moved == 0  # nothing new: it knows where to wait past
+    return one
+
+
+async def test_a_job_a_wait_finds_is_moved_and_acked_in_the_same_turn(
+    redis: Redis, prefix: str
+) -> None:
+    """On a single Redis the entries a wait finds are read, moved and acked by one script:
+    the turn that woke up has already placed them (the split path moves them a turn later)."""
+    one = await caught_up(redis, prefix)
+    ids = await produce(redis, prefix, 3)
+    ingest = await snapshot(redis, prefix)
+    assert await one._turn(tick_s=1.0, idle_block_ms=1000)
+    await assert_moved_once_in_order(redis, prefix, ids, ingest)
+    more = await produce(redis, prefix, 2)  # it waits past them: the next wake finds only new
+    ingest |= await snapshot(redis, prefix)
+    assert await one._turn(tick_s=1.0, idle_block_ms=1000)
+    await assert_moved_once_in_order(redis, prefix, ids + more, ingest)
+
+
+async def test_entries_the_group_hands_out_other_than_the_ones_found_stay_and_are_claimed(
+    redis: Redis, prefix: str
+) -> None:
+    """Between the wait and the script, one entry is deleted: the script moves the entries
+    up to it, leaves the ones after it pending under the mover, and the next turn claims and
+    moves them, in order. Entries found that the group had handed out already (a stale wait)
+    are never moved out of turn either."""
+    one = await caught_up(redis, prefix)
+    ids = await produce(redis, prefix, 6)
+    found: Any = await redis.xread({f"{prefix}:jobs": "0-0"}, count=100)
+    entries = [(text(entry_id), fields) for entry_id, fields in found[0][1]]
+    await redis.xdel(f"{prefix}:jobs", ids[2])
+    ingest = await snapshot(redis, prefix)
+    done = await one.move_found(entries)
+    assert (done.moved + done.skipped, done.holding) == (2, True)
+    assert (await redis.xpending(f"{prefix}:jobs", GROUP))["pending"] == 3
+    await drain(one)
+    kept = [entry_id for entry_id in ids if entry_id != ids[2]]
+    await assert_moved_once_in_order(redis, prefix, kept, ingest)
+
+    later = await produce(redis, prefix, 4)
+    ingest |= await snapshot(redis, prefix)
+    await redis.xreadgroup(GROUP, one.me, {f"{prefix}:jobs": ">"}, count=2)  # handed, unmoved
+    stale = [(entry_id, ingest[entry_id]) for entry_id in later]
+    assert (await one.move_found(stale)).moved == 0  # the group hands out the other two
+    await drain(one)
+    await assert_moved_once_in_order(redis, prefix, kept + later, ingest)
+
+
+async def test_a_mover_that_lost_its_lease_or_was_fenced_reads_nothing_in_the_script(
+    redis: Redis, prefix: str
+) -> None:
+    await produce(redis, prefix, 5)
+    old, _, new = await stalled_then_taken_over(redis, prefix)  # the 5 are pending under old
+    fresh = await produce(redis, prefix, 3)
+    ingest = await snapshot(redis, prefix)
+    entries = [(entry_id, ingest[entry_id]) for entry_id in fresh]
+    lost = await old.move_found(entries)
+    assert (lost.holding, lost.moved, old.holding) == (False, 0, False)
+    assert (await redis.xpending(f"{prefix}:jobs", GROUP))["pending"] == 5  # none handed out
+    assert await partition_contents(redis, prefix) == {}
+
+    fenced = mover(redis, prefix, "fenced")  # holds the lease, but a newer mover wrote
+    await new.release()
+    assert await fenced.acquire()
+    number = expected_partition(fresh[0], ingest)
+    await redis.hset(Names(prefix).moved(number), "generation", fenced.generation + 1)
+    done = await fenced.move_found(entries)
+    assert (done.holding, done.moved, fenced.holding) == (False, 0, False)
+    assert (await redis.xpending(f"{prefix}:jobs", GROUP))["pending"] == 5
+    assert await partition_contents(redis, prefix) == {}
+    assert await redis.xlen(f"{prefix}:jobs") == 8  # nothing acked or deleted

@@ -67,3 +67,56 @@ end
 redis.call('HSET', KEYS[2], 'generation', generation, 'mark', mark)
 return added
 """
+# Reading, moving and acking in one script, on a single Redis (every key on one server). Run
+# right after a wait whose XREAD returned the entries past the group's last delivered id:
+# the caller routed those (ARGV) and names their partitions (KEYS). KEYS: ingest stream,
+# lease, then per partition its stream and its mark. ARGV: token, group, consumer,
+# generation, count, then per entry its ingest id and its partition's place among the KEYS
+# pairs (1, 2, ...). The entries XREADGROUP hands out are moved as long as they are the ones
+# routed; any after a difference stay pending under this mover (its next read claims them,
+# in order). Returns false when the lease is not ours, {-1} when a newer mover has written
+# to one of the partitions (nothing done), else {added, skipped, left pending, last id}.
+READ_MOVE: Final = """
+local function after(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  ams, aseq, bms, bseq = tonumber(ams), tonumber(aseq), tonumber(bms), tonumber(bseq)
+  return ams > bms or (ams == bms and aseq > bseq)
+end
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return false end
+local generation = tonumber(ARGV[4])
+local marks = {}
+for k = 3, #KEYS, 2 do
+  if generation < tonumber(redis.call('HGET', KEYS[k + 1], 'generation') or '0') then
+    return {-1}
+  end
+  marks[k] = redis.call('HGET', KEYS[k + 1], 'mark') or '0-0'
+end
+local read = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[5],
+                        'STREAMS', KEYS[1], '>')
+local handed = read and read[1][2] or {}
+local added, skipped, done = 0, 0, {}
+for n, entry in ipairs(handed) do
+  local at = 4 + 2 * n
+  if ARGV[at] ~= entry[1] then break end
+  local k = 1 + 2 * tonumber(ARGV[at + 1])
+  if after(entry[1], marks[k]) then
+    redis.call('XADD', KEYS[k], '*', 'src', entry[1], unpack(entry[2]))
+    marks[k] = entry[1]
+    added = added + 1
+  else
+    skipped = skipped + 1
+  end
+  done[n] = entry[1]
+end
+for k = 3, #KEYS, 2 do
+  redis.call('HSET', KEYS[k + 1], 'generation', generation, 'mark', marks[k])
+end
+if #done > 0 then
+  redis.call('XACK', KEYS[1], ARGV[2], unpack(done))
+  redis.call('XDEL', KEYS[1], unpack(done))
+end
+local last = false
+if #handed > 0 then last = handed[#handed][1] end
+return {added, skipped, #handed - #done, last}
+"""

@@ -90,6 +90,15 @@ def entry_ms(entry_id: str) -> int:
     return int(entry_id.split("-", 1)[0])
 
 
+def read_streams(response: Any) -> list[tuple[Any, Any]]:
+    """XREAD's or XREADGROUP's reply as (stream, entries) pairs, under RESP2 or RESP3."""
+    if not response:
+        return []
+    if isinstance(response, dict):
+        return list(response.items())
+    return [(stream, entries) for stream, entries in response]
+
+
 def text(value: Any) -> str:
     """A Redis reply value (bytes, or str under decode_responses) as text; never raises."""
     return (
@@ -97,4 +106,4 @@ def text(value: Any) -> str:
     )
 
 
-__all__ = ["Claim", "Entry", "Names", "entry_ms", "text"]
+__all__ = ["Claim", "Entry", "Names", "entry_ms", "read_streams", "text"]

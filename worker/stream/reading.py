@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from worker.stream.client import AnyRedis, is_cluster
-from worker.stream.names import Claim, Entry, Names, text
+from worker.stream.names import Claim, Entry, Names, read_streams, text
 from worker.stream.scripts import Call, run_each
 
 # KEYS: partition stream, its lease. ARGV: lease value (this worker), group, consumer, count,
@@ -131,7 +131,7 @@ class Reader:
                                        for number, last in idle.items()}  # fmt: skip
             found = await self.redis.xread(streams, count=1, block=block_ms)
             named = {self.names.partition(number): number for number in idle}
-            woken = {named[text(stream)] for stream, _ in _streams(found)}
+            woken = {named[text(stream)] for stream, _ in read_streams(found)}
         self._woken = woken
         # Only a wait that saw entries vouches for the rest: after a quiet one, the next read
         # asks every partition (and so checks every lease) again.
@@ -230,12 +230,3 @@ async def _pending_counts(redis: AnyRedis, stream: str, group: str, consumer: st
 
 def _fields(flat: list[Any]) -> dict[bytes, bytes]:
     return {flat[index]: flat[index + 1] for index in range(0, len(flat), 2)}
-
-
-def _streams(response: Any) -> list[tuple[Any, Any]]:
-    """XREAD's reply as (stream, entries) pairs, under RESP2 or RESP3."""
-    if not response:
-        return []
-    if isinstance(response, dict):
-        return list(response.items())
-    return [(stream, entries) for stream, entries in response]
